@@ -1,0 +1,171 @@
+"""The command line: argument parsing and output formatting only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .identity import (IdentityError, InviteError, create_device, invite_code, load_device,
+                       parse_invite, resolve_home)
+from .store import SqliteStore, StoreError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A usage or configuration error (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="device directory (default: $P2PSYNC_HOME or ~/.local/share/p2psync)")
+    p = argparse.ArgumentParser(prog="p2psync", description="Peer-to-peer sync of SQLite databases.",
+                                parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("init", parents=[common], help="new device in a new sync group")
+    c.add_argument("--db", required=True, help="the application's SQLite database")
+    c.add_argument("--name", help="a name for this device (default: host name)")
+
+    c = sub.add_parser("invite", parents=[common], help="print a one-line invite code for this group")
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("join", parents=[common], help="new device in an existing group")
+    c.add_argument("code", help="invite code printed by `p2psync invite` on a member")
+    c.add_argument("--db", required=True)
+    c.add_argument("--name")
+
+    c = sub.add_parser("track", parents=[common], help="start syncing tables (existing rows included)")
+    c.add_argument("tables", nargs="+", metavar="TABLE")
+
+    c = sub.add_parser("run", parents=[common], help="run the agent in the foreground")
+    c.add_argument("--listen", metavar="HOST:PORT")
+    c.add_argument("--peer", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
+    c.add_argument("--relay", metavar="HOST:PORT")
+    c.add_argument("--no-mdns", action="store_true", help="static peers and relay only")
+    c.add_argument("--interface", action="append", metavar="ADDR", help="interface address for mDNS (repeatable)")
+    c.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    c = sub.add_parser("status", parents=[common], help="device, peers, lag, held changes")
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("release", parents=[common], help="apply held changes (clock skew) now")
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("relay-token", parents=[common], help="print a credential admitting this group to a relay")
+    c.add_argument("--json", action="store_true")
+    return p
+
+
+def _home(args) -> Path:
+    return resolve_home(args.home)
+
+
+def cmd_init(args) -> int:
+    db = Path(args.db).absolute()
+    device = create_device(_home(args), db, args.name)
+    SqliteStore(db, device.site_id).close()
+    print(f"device {device.name} ({device.site_id.hex()[:12]}) created in {device.home}")
+    print(f"database: {db}")
+    print("next: `p2psync track TABLE` then `p2psync run`; add devices with `p2psync invite`")
+    return EXIT_OK
+
+
+def cmd_join(args) -> int:
+    try:
+        group = parse_invite(args.code)
+    except InviteError as e:
+        raise UsageError(f"invalid invite code: {e}") from e
+    db = Path(args.db).absolute()
+    device = create_device(_home(args), db, args.name, group=group)
+    SqliteStore(db, device.site_id).close()
+    print(f"device {device.name} ({device.site_id.hex()[:12]}) joined group {group.group_id.hex()[:12]}")
+    return EXIT_OK
+
+
+def cmd_invite(args) -> int:
+    device = load_device(_home(args))
+    code = invite_code(device.group)
+    print(json.dumps({"invite": code}) if args.json else code)
+    return EXIT_OK
+
+
+def cmd_relay_token(args) -> int:
+    device = load_device(_home(args))
+    token = device.group.relay_token().hex()
+    print(json.dumps({"relay_token": token}) if args.json else token)
+    return EXIT_OK
+
+
+def cmd_track(args) -> int:
+    device = load_device(_home(args))
+    store = SqliteStore(device.db_path, device.site_id)
+    try:
+        for t in args.tables:
+            spec = store.track(t)
+            print(f"tracking {t}: key ({', '.join(spec.pk)}), {len(spec.cols)} other columns")
+        store.release_held(int(time.time() * 1000))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .agent.agent import run_agent
+
+    home = _home(args)
+    device = load_device(home)
+    config = load_config(home).override(
+        listen=args.listen, peers=args.peer, relay=args.relay, interfaces=args.interface,
+        log_level=args.log_level, mdns=False if args.no_mdns else None)
+    return run_agent(device, config)
+
+
+def _control_request(args, req: dict) -> dict:
+    from .agent.control import AgentNotRunning, request
+
+    home = _home(args)
+    load_device(home)
+    try:
+        return request(home / "agent.sock", req)
+    except AgentNotRunning as e:
+        raise RuntimeError(str(e)) from e
+
+
+def cmd_status(args) -> int:
+    st = _control_request(args, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    from .agent.status_text import format_status
+
+    print(format_status(st))
+    return EXIT_OK
+
+
+def cmd_release(args) -> int:
+    st = _control_request(args, {"cmd": "release"})
+    print(json.dumps(st) if args.json else f"released {st.get('released', 0)} held changes")
+    return EXIT_OK
+
+
+COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "track": cmd_track, "run": cmd_run,
+            "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError, InviteError) as e:
+        print(f"p2psync: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (IdentityError, StoreError, RuntimeError, OSError) as e:
+        print(f"p2psync: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_OK

@@ -1,0 +1,202 @@
+"""The wire form of a model ``Batch``, and its validation.
+
+How this works: a batch of N changes travels column-wise,
+
+    [sites, tables, colsets, columns, ranges]
+
+``sites``, ``tables`` and ``colsets`` list each distinct site id, table name
+and column-name tuple once. ``columns`` is eight arrays of N entries each:
+table index, primary key, site index, db version, hlc, alive (nil / true /
+false), colset index, values. ``ranges`` is ``[[site index, lo, hi], ...]``.
+
+Column-wise is what makes 100k changes cheap in CPython: interning uses
+``dict.fromkeys``, and validation ("screening") is ``set(map(type, col))``,
+``min``/``max`` and ``map`` over whole columns, all running in C. The screen
+restates ``model.change.check_change`` rule by rule (a property test holds
+the two in agreement); only when a column fails does a Python loop look for
+the first offending change, to name it in the error.
+
+Containers on the wire decode as tuples (``use_list=False``), which is what
+the model wants for primary keys, column names and values.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain, compress
+from operator import attrgetter
+
+from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value
+from .errors import describe
+from .limits import (
+    INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
+    MAX_PK_COLUMNS, SITE_ID_LEN, U63_MAX,
+)
+
+N_COLUMNS = 8
+_VALUE_TYPES = frozenset({type(None), int, float, str, bytes})
+_ALIVE_TYPES = frozenset({type(None), bool})
+_INT = frozenset({int})
+_TUPLE = frozenset({tuple})
+_CHANGE = frozenset({Change})
+_RANGE = frozenset({Range})
+_fields = [attrgetter(f) for f in ("table", "pk", "site", "dbv", "hlc", "alive", "columns", "values")]
+
+
+class WireError(ValueError):
+    """A batch cannot be put on, or taken off, the wire; the message says why."""
+
+
+def batch_to_wire(batch: Batch) -> list:
+    """The wire form of ``batch``; raises WireError if it is not a valid Batch."""
+    try:
+        wire = _to_wire(batch)
+        screen(*wire)
+        return wire
+    except (WireError, TypeError, AttributeError) as e:
+        try:
+            check_batch(batch)
+        except InvalidChange as invalid:
+            raise WireError(str(invalid)) from None
+        raise WireError(str(e)) from None
+
+
+def batch_from_wire(wire: tuple) -> Batch:
+    """The Batch that ``wire`` (five decoded fields) describes; raises WireError if malformed."""
+    sites, tables, colsets, cols, ranges = wire
+    for name, part in (("sites", sites), ("tables", tables), ("colsets", colsets),
+                       ("changes", cols), ("ranges", ranges)):
+        if type(part) is not tuple:
+            raise WireError(f"{name} must be an array, got {type(part).__name__}")
+    screen(sites, tables, colsets, cols, ranges)
+    tis, pks, sis, dbvs, hlcs, alives, cis, vals = cols
+    changes = tuple(map(Change, map(tables.__getitem__, tis), pks, map(sites.__getitem__, sis),
+                        dbvs, hlcs, alives, map(colsets.__getitem__, cis), vals))
+    return Batch(changes, tuple(Range(sites[si], lo, hi) for si, lo, hi in ranges))
+
+
+def _to_wire(batch: Batch) -> list:
+    if type(batch) is not Batch:
+        raise WireError(f"expected a Batch, got {type(batch).__name__}")
+    ch, rs = batch.changes, batch.ranges
+    if type(ch) is not tuple or type(rs) is not tuple:
+        raise WireError("batch changes and ranges must be tuples")
+    if ch and not set(map(type, ch)) <= _CHANGE or rs and not set(map(type, rs)) <= _RANGE:
+        raise WireError("batch changes must be Change objects and ranges Range objects")
+    tables_col, pks, sites_col, dbvs, hlcs, alives, colsets_col, vals = (
+        list(map(get, ch)) for get in _fields
+    )
+    sites = list(dict.fromkeys(chain(sites_col, (r.site for r in rs))))
+    tables = list(dict.fromkeys(tables_col))
+    colsets = list(dict.fromkeys(colsets_col))
+    site_i = {s: i for i, s in enumerate(sites)}
+    table_i = {t: i for i, t in enumerate(tables)}
+    colset_i = {c: i for i, c in enumerate(colsets)}
+    cols = [list(map(table_i.__getitem__, tables_col)), pks, list(map(site_i.__getitem__, sites_col)),
+            dbvs, hlcs, alives, list(map(colset_i.__getitem__, colsets_col)), vals]
+    ranges = [(site_i[r.site], r.lo, r.hi) for r in rs]
+    return [sites, tables, colsets, cols, ranges]
+
+
+def screen(sites, tables, colsets, cols, ranges) -> None:
+    """Raise WireError unless the wire fields describe a valid Batch (model rules)."""
+    for i, s in enumerate(sites):
+        if type(s) is not bytes or len(s) != SITE_ID_LEN:
+            raise WireError(f"site {i} must be {SITE_ID_LEN} bytes, got {describe(s)}")
+    for i, t in enumerate(tables):
+        _check_name(t, f"table {i}")
+    for i, cs in enumerate(colsets):
+        if type(cs) is not tuple or len(cs) > MAX_COLUMNS:
+            raise WireError(f"colset {i} must be an array of at most {MAX_COLUMNS} column names")
+        for c in cs:
+            _check_name(c, f"colset {i}: column name")
+        if len(set(cs)) != len(cs):
+            raise WireError(f"colset {i}: a column appears twice")
+    _screen_changes(len(sites), len(tables), colsets, cols)
+    if len(ranges) > MAX_BATCH_RANGES:
+        raise WireError(f"{len(ranges)} ranges (limit {MAX_BATCH_RANGES})")
+    for i, r in enumerate(ranges):
+        if type(r) is not tuple or len(r) != 3:
+            raise WireError(f"range {i} must be [site index, lo, hi]")
+        _check_ints(r[:1], 0, len(sites) - 1, f"range {i}: site index")
+        _check_ints(r[1:], 0, U63_MAX, f"range {i}: bound")
+        if r[2] <= r[1]:
+            raise WireError(f"range {i}: empty or inverted range ({r[1]}, {r[2]}]")
+
+
+def _screen_changes(n_sites: int, n_tables: int, colsets, cols) -> None:
+    if type(cols) not in (tuple, list) or len(cols) != N_COLUMNS:
+        raise WireError(f"changes must be {N_COLUMNS} column arrays")
+    if not set(map(type, cols)) <= {tuple, list}:
+        raise WireError("changes must be arrays")
+    n = len(cols[0])
+    if any(len(c) != n for c in cols):
+        raise WireError("change columns have different lengths")
+    if n > MAX_BATCH_CHANGES:
+        raise WireError(f"{n} changes (limit {MAX_BATCH_CHANGES})")
+    if not n:
+        return
+    tis, pks, sis, dbvs, hlcs, alives, cis, vals = cols
+    _check_ints(tis, 0, n_tables - 1, "change {i}: table index")
+    _check_ints(sis, 0, n_sites - 1, "change {i}: site index")
+    _check_ints(cis, 0, len(colsets) - 1, "change {i}: colset index")
+    _check_ints(dbvs, 1, U63_MAX, "change {i}: db version")
+    _check_ints(hlcs, 0, U63_MAX, "change {i}: hlc")
+    if not set(map(type, alives)) <= _ALIVE_TYPES:
+        i = next(i for i, a in enumerate(alives) if type(a) not in _ALIVE_TYPES)
+        raise WireError(f"change {i}: alive must be true, false or nil, got {describe(alives[i])}")
+    _check_rows(pks, "primary key")
+    pk_lens = list(map(len, pks))
+    if min(pk_lens) < 1 or max(pk_lens) > MAX_PK_COLUMNS:
+        i = next(i for i, k in enumerate(pk_lens) if not 1 <= k <= MAX_PK_COLUMNS)
+        raise WireError(f"change {i}: primary key must have 1..{MAX_PK_COLUMNS} values, got {pk_lens[i]}")
+    _check_values(pks, "primary key")
+    _check_rows(vals, "values")
+    widths = [len(cs) for cs in colsets]
+    if list(map(len, vals)) != list(map(widths.__getitem__, cis)):
+        i = next(i for i, (v, c) in enumerate(zip(vals, cis)) if len(v) != widths[c])
+        raise WireError(f"change {i}: {widths[cis[i]]} columns but {len(vals[i])} values")
+    _check_values(vals, "value")
+    empty = {i for i, w in enumerate(widths) if not w}
+    if empty and None in compress(alives, map(empty.__contains__, cis)):
+        i = next(i for i, (a, c) in enumerate(zip(alives, cis)) if a is None and c in empty)
+        raise WireError(f"change {i}: a change must set the row's existence or a column")
+
+
+def _check_ints(col, lo: int, hi: int, what: str) -> None:
+    """Raise unless every entry is an int in [lo, hi]; ``what`` may name the entry as {i}."""
+    if not col or set(map(type, col)) <= _INT and lo <= min(col) and max(col) <= hi:
+        return
+    i, v = next((i, v) for i, v in enumerate(col) if type(v) is not int or not lo <= v <= hi)
+    raise WireError(f"{what.format(i=i)} must be an integer in [{lo}, {hi}], got {describe(v)}")
+
+
+def _check_rows(rows, what: str) -> None:
+    if not set(map(type, rows)) <= _TUPLE:
+        i = next(i for i, r in enumerate(rows) if type(r) is not tuple)
+        raise WireError(f"change {i}: {what} must be an array, got {describe(rows[i])}")
+
+
+def _check_values(rows, what: str) -> None:
+    flat = list(chain.from_iterable(rows))
+    types = set(map(type, flat))
+    ok = types <= _VALUE_TYPES
+    if ok and int in types:
+        ints = list(filter(int.__instancecheck__, flat))
+        ok = INT64_MIN <= min(ints) and max(ints) <= INT64_MAX
+    if ok and float in types:
+        ok = not any(map(math.isnan, filter(float.__instancecheck__, flat)))
+    if ok:
+        return
+    for i, row in enumerate(rows):
+        for v in row:
+            try:
+                check_value(v, what)
+            except InvalidChange as e:
+                raise WireError(f"change {i}: {e}") from None
+    raise WireError(f"{what}s must be nil, integers, floats, text or bytes")
+
+
+def _check_name(name: object, what: str) -> None:
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+        raise WireError(f"{what} must be a non-empty string of at most {MAX_NAME_LEN} chars, got {describe(name)}")

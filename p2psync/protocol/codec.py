@@ -1,0 +1,238 @@
+"""The frame codec: events to bytes and bytes to events.
+
+How this works: a frame is a 4-byte big-endian body length followed by a
+msgpack body ``[type, field, ...]``. ``FrameDecoder`` reads the length as
+soon as its 4 bytes are in and refuses one over ``MAX_FRAME`` at once, before
+buffering any of the body. A complete body is unpacked with every msgpack
+size limit set, then each field is checked for type and range (a bool is not
+an int; ints are in [0, 2^63); byte strings have their exact lengths), and
+model objects are built. Anything wrong is ``LocalProtocolError("bad-frame")``
+(the session turns it into a RemoteProtocolError). ``encode_event`` applies
+the same checks to outgoing events, so we never send what a peer would refuse.
+
+Batch bodies use the column-wise layout of ``batchwire``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgpack
+
+from ..model import VersionVector
+from .batchwire import WireError, batch_from_wire, batch_to_wire
+from .errors import LocalProtocolError, describe
+from .events import Ack, BatchEvent, Error, Event, Hello, Ping, Pong, event_name
+from .limits import (
+    FRAME_HEADER_LEN, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_FRAME, MAX_MAP_LEN, MAX_SCHEMA_LEN, MAX_STR_LEN, MAX_VV_ENTRIES, PROTOCOL_VERSION,
+    SITE_ID_LEN, U63_MAX,
+)
+
+HELLO, BATCH, ACK, PING, PONG, ERROR = 1, 2, 3, 4, 5, 6
+_TAGS = {Hello: HELLO, BatchEvent: BATCH, Ack: ACK, Ping: PING, Pong: PONG, Error: ERROR}
+_ERROR_CODE = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+class _Bad(Exception):
+    """A field of an event is wrong; the message says which and how."""
+
+
+# ---- encoding ---------------------------------------------------------------
+
+def encode_event(event: Event) -> bytes:
+    """The whole frame (length prefix and body) for ``event``; LocalProtocolError if invalid."""
+    tag = _TAGS.get(type(event))
+    if tag is None:
+        raise LocalProtocolError("invalid-event", f"cannot send {type(event).__name__}: not a protocol event")
+    name = event_name(type(event))
+    try:
+        body = _ENCODERS[tag](event)
+        data = msgpack.packb(body)
+    except (_Bad, WireError) as e:
+        raise LocalProtocolError("invalid-event", f"cannot send {name}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError("invalid-event", f"cannot send {name}: {e}") from None
+    if len(data) > MAX_FRAME:
+        raise LocalProtocolError(
+            "frame-too-large",
+            f"cannot send {name}: it encodes to {len(data)} bytes (limit {MAX_FRAME}); send fewer changes per batch",
+        )
+    return len(data).to_bytes(FRAME_HEADER_LEN, "big") + data
+
+
+def _encode_hello(e: Hello) -> list:
+    _u63(e.protocol_version, "protocol version")
+    _site(e.site_id, "site id")
+    _bytes(e.schema, MAX_SCHEMA_LEN, "schema fingerprint")
+    _u63(e.wall_ms, "wall clock")
+    if type(e.vv) is not VersionVector:
+        raise _Bad(f"vv must be a VersionVector, got {type(e.vv).__name__}")
+    if len(e.vv) > MAX_VV_ENTRIES:
+        raise _Bad(f"version vector has {len(e.vv)} sites (limit {MAX_VV_ENTRIES})")
+    return [HELLO, e.protocol_version, e.site_id, e.schema, e.wall_ms, dict(e.vv.items())]
+
+
+def _encode_batch(e: BatchEvent) -> list:
+    _u63(e.seq, "seq", lo=1)
+    _bool(e.more, "more")
+    wire = batch_to_wire(e.batch)
+    if e.more and wire[4]:
+        raise _Bad("a part with more=True cannot carry ranges (only the last part of a group does)")
+    return [BATCH, e.seq, e.more, *wire]
+
+
+def _encode_error(e: Error) -> list:
+    _error_fields(e.code, e.message)
+    return [ERROR, e.code, e.message]
+
+
+_ENCODERS = {
+    HELLO: _encode_hello,
+    BATCH: _encode_batch,
+    ACK: lambda e: [ACK, _u63(e.seq, "seq", lo=1)],
+    PING: lambda e: [PING, _u63(e.token, "token")],
+    PONG: lambda e: [PONG, _u63(e.token, "token")],
+    ERROR: _encode_error,
+}
+
+
+# ---- decoding ---------------------------------------------------------------
+
+def decode_body(body: bytes) -> Event:
+    """The event in one frame body; LocalProtocolError("bad-frame"/"bad-version") if malformed."""
+    try:
+        obj = msgpack.unpackb(
+            body, raw=False, strict_map_key=True, use_list=False, max_bin_len=MAX_BIN_LEN,
+            max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
+        )
+    except Exception as e:  # whatever the parser raises, the peer sent garbage
+        raise LocalProtocolError("bad-frame", f"peer sent a frame that is not valid msgpack ({type(e).__name__}: {e})"[:300]) from None
+    if type(obj) is not tuple or not obj or type(obj[0]) is not int:
+        raise LocalProtocolError("bad-frame", "peer sent a frame that is not an array starting with an event type")
+    tag, fields = obj[0], obj[1:]
+    decoder = _DECODERS.get(tag)
+    if decoder is None:
+        raise LocalProtocolError("bad-frame", f"peer sent a frame of unknown event type {tag}")
+    name, n_fields, build = decoder
+    if tag == HELLO and fields and type(fields[0]) is int and fields[0] != PROTOCOL_VERSION:
+        raise LocalProtocolError(
+            "bad-version",
+            f"peer speaks protocol version {fields[0]}, we speak {PROTOCOL_VERSION}; "
+            f"run the same p2psync release on both devices",
+        )
+    try:
+        if len(fields) != n_fields:
+            raise _Bad(f"{len(fields)} fields, expected {n_fields}")
+        return build(*fields)
+    except (_Bad, WireError) as e:
+        raise LocalProtocolError("bad-frame", f"peer sent a malformed {name}: {e}") from None
+
+
+def _decode_hello(version, site, schema, wall_ms, vv) -> Hello:
+    _u63(version, "protocol version")
+    _site(site, "site id")
+    _bytes(schema, MAX_SCHEMA_LEN, "schema fingerprint")
+    _u63(wall_ms, "wall clock")
+    if type(vv) is not dict:
+        raise _Bad(f"version vector must be a map, got {type(vv).__name__}")
+    for s, n in vv.items():
+        _site(s, "version vector site id")
+        _u63(n, "version vector entry")
+    return Hello(version, site, schema, wall_ms, VersionVector(vv))
+
+
+def _decode_batch(seq, more, *wire) -> BatchEvent:
+    _u63(seq, "seq", lo=1)
+    _bool(more, "more")
+    batch = batch_from_wire(wire)
+    if more and batch.ranges:
+        raise _Bad("a part with more=true carries ranges (only the last part of a group may)")
+    return BatchEvent(seq, batch, more)
+
+
+def _decode_error(code, message) -> Error:
+    _error_fields(code, message)
+    return Error(code, message)
+
+
+_DECODERS = {
+    HELLO: ("Hello", 5, _decode_hello),
+    BATCH: ("Batch", 7, _decode_batch),
+    ACK: ("Ack", 1, lambda seq: Ack(_u63(seq, "seq", lo=1))),
+    PING: ("Ping", 1, lambda token: Ping(_u63(token, "token"))),
+    PONG: ("Pong", 1, lambda token: Pong(_u63(token, "token"))),
+    ERROR: ("Error", 2, _decode_error),
+}
+
+
+class FrameDecoder:
+    """Turns a byte stream from the peer into events, one frame at a time."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of an event."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer."""
+        self._buf += data
+
+    def check_header(self) -> int | None:
+        """Length of the next frame's body if its header is in; raises if over MAX_FRAME."""
+        if self.buffered < FRAME_HEADER_LEN:
+            return None
+        n = int.from_bytes(self._buf[self._pos:self._pos + FRAME_HEADER_LEN], "big")
+        if n > MAX_FRAME:
+            raise LocalProtocolError("frame-too-large", f"peer sent a frame of {n} bytes (limit {MAX_FRAME})")
+        return n
+
+    def next_frame(self) -> Event | None:
+        """The next complete event, or None until more bytes arrive."""
+        n = self.check_header()
+        if n is None or self.buffered < FRAME_HEADER_LEN + n:
+            return None
+        start = self._pos + FRAME_HEADER_LEN
+        body = bytes(memoryview(self._buf)[start:start + n])
+        self._pos = start + n
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20:
+            del self._buf[:self._pos]
+            self._pos = 0
+        return decode_body(body)
+
+
+# ---- field checks -----------------------------------------------------------
+
+def _u63(v: object, what: str, lo: int = 0) -> int:
+    if type(v) is not int or not lo <= v <= U63_MAX:
+        raise _Bad(f"{what} must be an integer in [{lo}, 2^63), got {describe(v)}")
+    return v
+
+
+def _bool(v: object, what: str) -> None:
+    if type(v) is not bool:
+        raise _Bad(f"{what} must be true or false, got {describe(v)}")
+
+
+def _site(v: object, what: str) -> None:
+    if type(v) is not bytes or len(v) != SITE_ID_LEN:
+        raise _Bad(f"{what} must be {SITE_ID_LEN} bytes, got {describe(v)}")
+
+
+def _bytes(v: object, limit: int, what: str) -> None:
+    if type(v) is not bytes or len(v) > limit:
+        raise _Bad(f"{what} must be at most {limit} bytes, got {describe(v)}")
+
+
+def _error_fields(code: object, message: object) -> None:
+    if type(code) is not str or len(code) > MAX_ERROR_CODE_LEN or not _ERROR_CODE.fullmatch(code):
+        raise _Bad(f"code must be 1..{MAX_ERROR_CODE_LEN} chars of [a-z0-9-], got {describe(code)}")
+    if type(message) is not str or len(message) > MAX_ERROR_MESSAGE_LEN:
+        raise _Bad(f"message must be text of at most {MAX_ERROR_MESSAGE_LEN} chars, got {describe(message)}")

@@ -1,0 +1,132 @@
+"""SQL for one tracked table: its change log, clock metadata and triggers.
+
+For an application table ``t`` with primary key columns P and other columns
+C[0..n):
+
+- ``_p2p_log_t(op, mask, wall, P...)``: what the triggers append, one row per
+  written row: op 1 insert, 2 update (mask = changed columns), 3 delete, and
+  the write's wall time in ms. Appending one narrow row is all a write pays.
+- ``_p2p_meta_t(P..., e_a, e_h, e_s, e_v, h0, s0, v0, ...)``: one row per
+  known row: for the existence register (e_) and each column i, the HLC, the
+  origin site (an index into _p2p_sites) and the origin db version of the
+  current winning write; e_a is 1 while the row exists.
+- ``_p2p_idx_t(site, dbv, P...)``: which rows hold cells of (site, dbv), so
+  ``changes_since`` reads what a peer lacks without scanning. A trigger on
+  the meta table drops entries no cell refers to any more.
+- ``_p2p_orphan_t(P..., col, value)``: values of cells whose row does not
+  exist here (not yet created, or deleted before a later concurrent update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+WALL_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+MASK_BITS = 62  # bit 62 stands for "some column >= 62 changed"
+OP_INSERT, OP_UPDATE, OP_DELETE = 1, 2, 3
+
+
+def q(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A tracked table: its name, primary key columns and other columns."""
+
+    name: str
+    pk: tuple[str, ...]
+    cols: tuple[str, ...]
+
+    def obj(self, kind: str) -> str:
+        """The quoted name of one of our objects for this table."""
+        return q(f"_p2p_{kind}_{self.name}")
+
+    @cached_property
+    def col_set(self) -> frozenset[str]:
+        return frozenset(self.cols)
+
+    @property
+    def pk_list(self) -> str:
+        return ", ".join(q(c) for c in self.pk)
+
+    def pk_match(self, left: str, right: str) -> str:
+        """SQL true when the primary keys of two aliases are equal."""
+        return " AND ".join(f"{left}.{q(c)} IS {right}.{q(c)}" for c in self.pk)
+
+    @property
+    def pk_where(self) -> str:
+        """``pk1 IS ? AND pk2 IS ?`` for binding a key."""
+        return " AND ".join(f"{q(c)} IS ?" for c in self.pk)
+
+    def meta_columns(self, start: int = 0) -> list[str]:
+        """The clock columns of data columns ``start`` onwards."""
+        return [f"{x}{i}" for i in range(start, len(self.cols)) for x in "hsv"]
+
+
+def create_tables(t: TableSpec) -> list[str]:
+    """Statements creating the log, meta, idx and orphan tables of ``t``."""
+    pks = t.pk_list
+    old = ", ".join(q("old_" + c) for c in t.pk)
+    meta_cols = ", ".join(["e_a INTEGER", "e_h INTEGER", "e_s INTEGER", "e_v INTEGER"]
+                          + [f"{c} INTEGER" for c in t.meta_columns()])
+    return [
+        f"CREATE TABLE IF NOT EXISTS {t.obj('log')}(op INTEGER, mask INTEGER, wall INTEGER, {pks}, {old})",
+        f"CREATE TABLE IF NOT EXISTS {t.obj('meta')}({pks}, {meta_cols}, PRIMARY KEY({pks})) WITHOUT ROWID",
+        f"CREATE TABLE IF NOT EXISTS {t.obj('idx')}(site INTEGER, dbv INTEGER, {pks}, "
+        f"PRIMARY KEY(site, dbv, {pks})) WITHOUT ROWID",
+        f"CREATE TABLE IF NOT EXISTS {t.obj('orphan')}({pks}, col TEXT, value, "
+        f"PRIMARY KEY({pks}, col)) WITHOUT ROWID",
+    ]
+
+
+def add_columns(t: TableSpec, old_count: int) -> list[str]:
+    """Statements adding clock columns for data columns ``old_count`` onwards."""
+    return [f"ALTER TABLE {t.obj('meta')} ADD COLUMN {c} INTEGER" for c in t.meta_columns(old_count)]
+
+
+def drop_triggers(t: TableSpec) -> list[str]:
+    return [f"DROP TRIGGER IF EXISTS {t.obj(k)}" for k in ("ins", "upd", "del", "gc")]
+
+
+def create_triggers(t: TableSpec) -> list[str]:
+    """The capture triggers on the application table and the idx GC trigger.
+
+    Each write appends exactly one log row. An update records the old key
+    too; stamping turns a key change into a delete plus an insert.
+    """
+    when = "WHEN (SELECT applying FROM _p2p_state) = 0"
+    new_pk = ", ".join(f"NEW.{q(c)}" for c in t.pk)
+    old_pk = ", ".join(f"OLD.{q(c)}" for c in t.pk)
+    nulls = ", ".join("NULL" for _ in t.pk)
+    bits = [f"((NEW.{q(c)} IS NOT OLD.{q(c)}) << {i})" for i, c in enumerate(t.cols[:MASK_BITS])]
+    if len(t.cols) > MASK_BITS:
+        rest = " OR ".join(f"NEW.{q(c)} IS NOT OLD.{q(c)}" for c in t.cols[MASK_BITS:])
+        bits.append(f"(({rest}) << {MASK_BITS})")
+    mask = " | ".join(bits) if bits else "0"
+    log = t.obj("log")
+    return [
+        f"CREATE TRIGGER {t.obj('ins')} AFTER INSERT ON {q(t.name)} {when} BEGIN "
+        f"INSERT INTO {log} VALUES ({OP_INSERT}, -1, {WALL_MS}, {new_pk}, {nulls}); END",
+        f"CREATE TRIGGER {t.obj('upd')} AFTER UPDATE ON {q(t.name)} {when} BEGIN "
+        f"INSERT INTO {log} VALUES ({OP_UPDATE}, {mask}, {WALL_MS}, {new_pk}, {old_pk}); END",
+        f"CREATE TRIGGER {t.obj('del')} AFTER DELETE ON {q(t.name)} {when} BEGIN "
+        f"INSERT INTO {log} VALUES ({OP_DELETE}, 0, {WALL_MS}, {old_pk}, {nulls}); END",
+        _gc_trigger(t),
+    ]
+
+
+def _gc_trigger(t: TableSpec) -> str:
+    """Drop idx entries of (site, dbv) pairs an updated meta row no longer holds."""
+    pairs = [("e_s", "e_v")] + [(f"s{i}", f"v{i}") for i in range(len(t.cols))]
+    pk_eq = " AND ".join(f"{q(c)} = OLD.{q(c)}" for c in t.pk)
+    stmts = []
+    for s, v in pairs:
+        still = " OR ".join(f"(NEW.{s2} IS OLD.{s} AND NEW.{v2} IS OLD.{v})" for s2, v2 in pairs)
+        stmts.append(
+            f"DELETE FROM {t.obj('idx')} WHERE site = OLD.{s} AND dbv = OLD.{v} AND {pk_eq} "
+            f"AND OLD.{v} IS NOT NULL AND NOT ({still});"
+        )
+    return f"CREATE TRIGGER {t.obj('gc')} AFTER UPDATE ON {t.obj('meta')} BEGIN {' '.join(stmts)} END"

@@ -1,0 +1,240 @@
+"""Applying remote changes to one tracked table, register by register.
+
+For every key in the batch we load the local registers (existence and each
+column: hlc, site, db version) from the meta table, let each incoming change
+compete per register under the merge rule, and then write the outcome in
+bulk: rows created, updated or deleted in the application table, the new
+registers, index entries for the (site, dbv) pairs that won, and orphan
+values for cells whose row does not exist here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import apsw
+
+from ..model import Change
+from ..model.merge import compare_clocks, value_wins
+from .ddl import TableSpec, q
+from .errors import StoreError
+
+
+class SiteMap:
+    """Site ids <-> the small integers the meta tables store."""
+
+    def __init__(self, conn: apsw.Connection):
+        self._conn = conn
+        self._idx: dict[bytes, int] = {}
+        self._site: dict[int, bytes] = {}
+        for idx, site in conn.execute("SELECT idx, site FROM _p2p_sites"):
+            self._idx[site], self._site[idx] = idx, site
+
+    def idx(self, site: bytes) -> int:
+        """The index of ``site``, registering it if new (inside a write transaction)."""
+        i = self._idx.get(site)
+        if i is None:
+            self._conn.execute("INSERT OR IGNORE INTO _p2p_sites(site) VALUES (?)", (site,))
+            i = self._conn.execute("SELECT idx FROM _p2p_sites WHERE site = ?", (site,)).fetchall()[0][0]
+            self._idx[site], self._site[i] = i, site
+        return i
+
+    def idx_existing(self, site: bytes) -> int | None:
+        """The index of ``site`` if it is registered, without registering it."""
+        i = self._idx.get(site)
+        if i is None:
+            rows = self._conn.execute("SELECT idx FROM _p2p_sites WHERE site = ?", (site,)).fetchall()
+            if rows:
+                i = self._idx[site] = rows[0][0]
+                self._site[i] = site
+        return i
+
+    def site(self, idx: int) -> bytes:
+        """The site id stored as ``idx``."""
+        s = self._site.get(idx)
+        if s is None:
+            rows = self._conn.execute("SELECT site FROM _p2p_sites WHERE idx = ?", (idx,)).fetchall()
+            if not rows:
+                raise StoreError(f"metadata refers to unknown site index {idx}")
+            s = self._site[idx] = rows[0][0]
+            self._idx[s] = idx
+        return s
+
+    def forget_uncommitted(self) -> None:
+        """Drop cached entries after a rollback."""
+        self.__init__(self._conn)
+
+
+def load_meta(conn: apsw.Connection, spec: TableSpec, keys: list[tuple]) -> dict[tuple, list]:
+    """The meta registers of ``keys`` that exist here."""
+    npk = len(spec.pk)
+    meta = spec.obj("meta")
+    if len(keys) <= 32:
+        sql = f"SELECT * FROM {meta} WHERE {spec.pk_where}"
+        out = {}
+        for k in keys:
+            for row in conn.execute(sql, k):
+                out[tuple(row[:npk])] = list(row[npk:])
+        return out
+    tmp = f"_p2p_keys{npk}"
+    kcols = ", ".join(f"k{i}" for i in range(npk))
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp}({kcols})")
+    conn.execute(f"DELETE FROM temp.{tmp}")
+    conn.executemany(f"INSERT INTO temp.{tmp} VALUES ({', '.join('?' * npk)})", keys)
+    on = " AND ".join(f"m.{q(c)} = k.k{i}" for i, c in enumerate(spec.pk))
+    return {tuple(r[:npk]): list(r[npk:]) for r in conn.execute(f"SELECT m.* FROM temp.{tmp} k JOIN {meta} m ON {on}")}
+
+
+class TableMerge:
+    """Merges a list of changes into one table within the caller's transaction."""
+
+    def __init__(self, conn: apsw.Connection, spec: TableSpec, sites: SiteMap):
+        self.conn, self.spec, self.sites = conn, spec, sites
+        self.col_index = {c: i for i, c in enumerate(spec.cols)}
+        self.cells_won = 0
+        self.max_hlc = 0
+
+    def _local_value(self, pk: tuple, i: int, alive: bool):
+        """The current local value of column ``i`` (for value tie-breaks)."""
+        col = self.spec.cols[i]
+        if alive:
+            sql = f"SELECT {q(col)} FROM {q(self.spec.name)} WHERE {self.spec.pk_where}"
+            rows = self.conn.execute(sql, pk).fetchall()
+        else:
+            sql = f"SELECT value FROM {self.spec.obj('orphan')} WHERE {self.spec.pk_where} AND col = ?"
+            rows = self.conn.execute(sql, pk + (col,)).fetchall()
+        return rows[0][0] if rows else None
+
+    def apply(self, changes: list[Change]) -> None:
+        """Merge ``changes`` (all for this table, columns already known)."""
+        spec, sites = self.spec, self.sites
+        ncols = len(spec.cols)
+        col_index = self.col_index
+        groups: dict[tuple, list[Change]] = defaultdict(list)
+        for c in changes:
+            groups[c.pk].append(c)
+        local = load_meta(self.conn, spec, list(groups))
+        nregs = 4 + 3 * ncols
+        inserts, deletes, meta_rows, idx_rows = [], [], [], set()
+        updates: dict[tuple[int, ...], list] = defaultdict(list)
+        orphan_set, orphan_del = [], []
+        won = 0
+        max_hlc = self.max_hlc
+        site_idx: dict[bytes, int] = {}
+        for pk, group in groups.items():
+            regs = local.get(pk)
+            fresh = regs is None
+            if fresh:
+                regs = [None] * nregs
+            was_alive = regs[0] == 1
+            vals: dict[int, object] = {}
+            changed = False
+            for ch in group:
+                site = ch.site
+                s_idx = site_idx.get(site)
+                if s_idx is None:
+                    s_idx = site_idx[site] = sites.idx(site)
+                h, dbv = ch.hlc, ch.dbv
+                if h > max_hlc:
+                    max_hlc = h
+                ch_won = False
+                if ch.alive is not None:
+                    a = 1 if ch.alive else 0
+                    lh = regs[1]
+                    if lh is None:
+                        c = 1
+                    else:
+                        c = compare_clocks(lh, sites.site(regs[2]), h, site)
+                        if c == 0 and value_wins(regs[0], a):
+                            c = 1
+                    if c > 0:
+                        regs[0], regs[1], regs[2], regs[3] = a, h, s_idx, dbv
+                        ch_won = True
+                        won += 1
+                for col, v in zip(ch.columns, ch.values):
+                    i = col_index[col]
+                    b = 4 + 3 * i
+                    lh = regs[b]
+                    if lh is None:
+                        c = 1
+                    else:
+                        c = compare_clocks(lh, sites.site(regs[b + 1]), h, site)
+                        if c == 0:
+                            lv = vals[i] if i in vals else self._local_value(pk, i, was_alive)
+                            c = 1 if value_wins(lv, v) else -1
+                    if c > 0:
+                        regs[b], regs[b + 1], regs[b + 2] = h, s_idx, dbv
+                        vals[i] = v
+                        ch_won = True
+                        won += 1
+                if ch_won:
+                    changed = True
+                    idx_rows.add((s_idx, dbv) + pk)
+            if not changed:
+                continue
+            meta_rows.append(pk + tuple(regs))
+            now_alive = regs[0] == 1
+            if now_alive and not was_alive:
+                row = list(pk)
+                for i in range(ncols):
+                    if i in vals:
+                        row.append(vals[i])
+                    elif regs[4 + 3 * i] is not None:
+                        row.append(self._local_value(pk, i, False))
+                    else:
+                        row.append(None)
+                inserts.append(row)
+                orphan_del.append(pk)
+            elif now_alive:
+                if vals:
+                    cols = tuple(sorted(vals))
+                    updates[cols].append([vals[i] for i in cols] + list(pk))
+            elif was_alive:
+                tomb = regs[1]
+                keep = [i for i in range(ncols) if regs[4 + 3 * i] is not None and regs[4 + 3 * i] > tomb]
+                for i in keep:
+                    v = vals[i] if i in vals else self._local_value(pk, i, True)
+                    orphan_set.append(pk + (spec.cols[i], v))
+                deletes.append(pk)
+            else:
+                tomb = regs[1]
+                for i, v in vals.items():
+                    if tomb is None or regs[4 + 3 * i] > tomb:
+                        orphan_set.append(pk + (spec.cols[i], v))
+        self.cells_won += won
+        self.max_hlc = max_hlc
+        self._write(inserts, updates, deletes, meta_rows, idx_rows, orphan_set, orphan_del)
+
+    def _write(self, inserts, updates, deletes, meta_rows, idx_rows, orphan_set, orphan_del) -> None:
+        spec, conn = self.spec, self.conn
+        t, pks, npk = q(spec.name), spec.pk_list, len(spec.pk)
+        try:
+            if deletes:
+                conn.executemany(f"DELETE FROM {t} WHERE {spec.pk_where}", deletes)
+            if inserts:
+                cols = [q(c) for c in spec.cols]
+                upd = ", ".join(f"{c} = excluded.{c}" for c in cols)
+                conflict = f"DO UPDATE SET {upd}" if cols else "DO NOTHING"
+                conn.executemany(
+                    f"INSERT INTO {t}({', '.join([pks] + cols)}) VALUES ({', '.join('?' * (npk + len(cols)))}) "
+                    f"ON CONFLICT({pks}) {conflict}", inserts)
+            for cols, rows in updates.items():
+                sets = ", ".join(f"{q(spec.cols[i])} = ?" for i in cols)
+                conn.executemany(f"UPDATE {t} SET {sets} WHERE {spec.pk_where}", rows)
+        except apsw.ConstraintError as e:
+            raise StoreError(f"applying changes to table {spec.name!r} violates one of its constraints "
+                             f"({e}); the batch was not applied") from e
+        if meta_rows:
+            regs = ["e_a", "e_h", "e_s", "e_v"] + spec.meta_columns()
+            conn.executemany(
+                f"INSERT INTO {spec.obj('meta')} VALUES ({', '.join('?' * (npk + len(regs)))}) "
+                f"ON CONFLICT({pks}) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in regs),
+                meta_rows)
+        if idx_rows:
+            conn.executemany(f"INSERT OR IGNORE INTO {spec.obj('idx')} VALUES ({', '.join('?' * (2 + npk))})",
+                             list(idx_rows))
+        if orphan_del:
+            conn.executemany(f"DELETE FROM {spec.obj('orphan')} WHERE {spec.pk_where}", orphan_del)
+        if orphan_set:
+            conn.executemany(f"INSERT OR REPLACE INTO {spec.obj('orphan')} VALUES ({', '.join('?' * (npk + 2))})",
+                             orphan_set)

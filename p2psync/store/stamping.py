@@ -1,0 +1,98 @@
+"""Stamping: turning the triggers' change log into clocked cells.
+
+Everything pending in the logs (only committed transactions are visible to
+our write transaction, and nobody else writes while we hold it) gets ONE new
+db version, so a stamp never splits an application transaction. Each logged
+row gets the HLC ``max(min(wall, now) << 16, last + 1)``: after every
+timestamp we issued or saw, and at the write's own wall time when the agent
+was not running. Several log rows for one key collapse in log order.
+"""
+
+from __future__ import annotations
+
+import apsw
+
+from .ddl import MASK_BITS, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec
+from ..model.hlc import pack
+
+
+def _columns_of(mask: int, ncols: int) -> int:
+    """Expand a trigger mask (bit 62 = 'some later column') to a full column bitmask."""
+    if mask < 0:
+        return (1 << ncols) - 1
+    if ncols > MASK_BITS and mask >> MASK_BITS & 1:
+        mask = (mask & ((1 << MASK_BITS) - 1)) | (((1 << ncols) - 1) >> MASK_BITS << MASK_BITS)
+    return mask
+
+
+def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: int,
+                last_hlc: int, now_ms: int) -> tuple[int, int]:
+    """Stamp ``spec``'s pending log; returns (rows stamped, highest HLC issued)."""
+    npk, ncols = len(spec.pk), len(spec.cols)
+    rows = conn.execute(f"SELECT * FROM {spec.obj('log')} ORDER BY rowid").fetchall()
+    if not rows:
+        return 0, last_hlc
+    floor = last_hlc + 1
+    top = last_hlc
+    state: dict[tuple, list] = {}  # pk -> [exists(None/True/False), column bitmask, hlc]
+    everything = (1 << ncols) - 1
+
+    def note(pk: tuple, op: int, cols: int, h: int) -> None:
+        st = state.get(pk)
+        if st is None:
+            st = state[pk] = [None, 0, h]
+        if op == OP_INSERT:
+            st[0], st[1] = True, everything
+        elif op == OP_DELETE:
+            st[0], st[1] = False, 0
+        else:
+            st[1] |= cols
+        if h > st[2]:
+            st[2] = h
+
+    for r in rows:
+        op, mask, wall = r[0], r[1], r[2]
+        pk = r[3:3 + npk]
+        if None in pk:
+            continue  # SQLite lets non-integer keys be NULL; such rows cannot be identified
+        if wall is None or wall > now_ms:
+            wall = now_ms
+        h = pack(wall)
+        if h < floor:
+            h = floor
+        if h > top:
+            top = h
+        if op == OP_UPDATE:
+            old = r[3 + npk:]
+            if old != pk:  # the key changed: the old row is gone, a new one exists
+                if None not in old:
+                    note(old, OP_DELETE, 0, h)
+                note(pk, OP_INSERT, 0, h)
+                continue
+            if not mask:
+                continue
+            note(pk, op, _columns_of(mask, ncols), h)
+        else:
+            note(pk, op, 0, h)
+    meta_params, idx_params = [], []
+    for pk, (exists, cols, h) in state.items():
+        row = list(pk)
+        if exists is None:
+            row += [None, None, None, None]
+        else:
+            row += [1 if exists else 0, h, site_idx, dbv]
+        for i in range(ncols):
+            row += [h, site_idx, dbv] if cols >> i & 1 else [None, None, None]
+        meta_params.append(row)
+        idx_params.append((site_idx, dbv) + pk)
+    regs = ["e_a", "e_h", "e_s", "e_v"] + spec.meta_columns()
+    pks = spec.pk_list
+    conn.executemany(
+        f"INSERT INTO {spec.obj('meta')}({pks}, {', '.join(regs)}) VALUES ({', '.join('?' * (npk + len(regs)))}) "
+        f"ON CONFLICT({pks}) DO UPDATE SET " + ", ".join(f"{c} = coalesce(excluded.{c}, {c})" for c in regs),
+        meta_params)
+    conn.executemany(f"INSERT OR IGNORE INTO {spec.obj('idx')} VALUES ({', '.join('?' * (2 + npk))})", idx_params)
+    if conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall():
+        conn.executemany(f"DELETE FROM {spec.obj('orphan')} WHERE {spec.pk_where}", list(state))
+    conn.execute(f"DELETE FROM {spec.obj('log')}")
+    return len(state), top
