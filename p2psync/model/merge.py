@@ -9,6 +9,7 @@ replica that has seen the same writes picks the same winner.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from .change import Value
@@ -22,7 +23,8 @@ class Clock(NamedTuple):
     value: Value
 
 
-# NULL < numbers < text < blob, as SQLite sorts them; ints before floats on a tie.
+# NULL < numbers < text < blob, as SQLite sorts them; ints before floats on a tie,
+# and -0.0 before 0.0 (SQLite keeps the sign of zero in untyped columns).
 _RANK = {type(None): 0, int: 1, float: 1, str: 2, bytes: 3}
 
 
@@ -32,7 +34,9 @@ def value_key(v: Value) -> tuple:
     if rank == 0:
         return (0,)
     if rank == 1:
-        return (1, v, isinstance(v, float))
+        if isinstance(v, float):
+            return (1, v, True, math.copysign(1.0, v))
+        return (1, v, False)
     return (rank, v)
 
 

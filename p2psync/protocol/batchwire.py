@@ -22,25 +22,28 @@ the model wants for primary keys, column names and values.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from itertools import chain, compress
+from array import array
+from collections import deque
+from itertools import chain, compress, repeat
 from operator import attrgetter
 
 from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value
 from .errors import describe
 from .limits import (
     INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
-    MAX_PK_COLUMNS, SITE_ID_LEN, U63_MAX,
+    MAX_PK_COLUMNS, MAX_VALUE_BYTES, SITE_ID_LEN, U63_MAX,
 )
 
 N_COLUMNS = 8
 _VALUE_TYPES = frozenset({type(None), int, float, str, bytes})
 _ALIVE_TYPES = frozenset({type(None), bool})
+_SIZED_TYPES = frozenset({str, bytes})
 _INT = frozenset({int})
 _TUPLE = frozenset({tuple})
 _CHANGE = frozenset({Change})
 _RANGE = frozenset({Range})
-_fields = [attrgetter(f) for f in ("table", "pk", "site", "dbv", "hlc", "alive", "columns", "values")]
 
 
 class WireError(ValueError):
@@ -51,7 +54,7 @@ def batch_to_wire(batch: Batch) -> list:
     """The wire form of ``batch``; raises WireError if it is not a valid Batch."""
     try:
         wire = _to_wire(batch)
-        screen(*wire)
+        screen(*wire, indices_trusted=True)
         return wire
     except (WireError, TypeError, AttributeError) as e:
         try:
@@ -70,9 +73,31 @@ def batch_from_wire(wire: tuple) -> Batch:
             raise WireError(f"{name} must be an array, got {type(part).__name__}")
     screen(sites, tables, colsets, cols, ranges)
     tis, pks, sis, dbvs, hlcs, alives, cis, vals = cols
-    changes = tuple(map(Change, map(tables.__getitem__, tis), pks, map(sites.__getitem__, sis),
-                        dbvs, hlcs, alives, map(colsets.__getitem__, cis), vals))
+    changes = _build_changes(map(tables.__getitem__, tis), pks, map(sites.__getitem__, sis),
+                             dbvs, hlcs, alives, map(colsets.__getitem__, cis), vals)
     return Batch(changes, tuple(Range(sites[si], lo, hi) for si, lo, hi in ranges))
+
+
+def _build_changes(*columns) -> tuple[Change, ...]:
+    """Changes from eight columns of field values, as ``map(Change, *columns)`` would.
+
+    Frozen dataclasses set each field through ``object.__setattr__``, which
+    costs more than decoding; so, when ``Change`` is a plain slotted dataclass
+    with exactly these fields and no ``__post_init__``, objects are made
+    empty and filled one field (one C-level ``map``) at a time.
+    """
+    if not _FAST_BUILD:
+        return tuple(map(Change, *columns))
+    objs = list(map(object.__new__, repeat(Change, len(columns[3]))))
+    for setter, column in zip(_SETTERS, columns):
+        deque(map(setter, objs, column), 0)
+    return tuple(objs)
+
+
+_FIELD_NAMES = ("table", "pk", "site", "dbv", "hlc", "alive", "columns", "values")
+_FAST_BUILD = (tuple(f.name for f in dataclasses.fields(Change)) == _FIELD_NAMES
+               and not hasattr(Change, "__post_init__") and hasattr(Change, "__slots__"))
+_SETTERS = [Change.__dict__[name].__set__ for name in _FIELD_NAMES] if _FAST_BUILD else []
 
 
 def _to_wire(batch: Batch) -> list:
@@ -84,7 +109,7 @@ def _to_wire(batch: Batch) -> list:
     if ch and not set(map(type, ch)) <= _CHANGE or rs and not set(map(type, rs)) <= _RANGE:
         raise WireError("batch changes must be Change objects and ranges Range objects")
     tables_col, pks, sites_col, dbvs, hlcs, alives, colsets_col, vals = (
-        list(map(get, ch)) for get in _fields
+        list(map(attrgetter(name), ch)) for name in _FIELD_NAMES
     )
     sites = list(dict.fromkeys(chain(sites_col, (r.site for r in rs))))
     tables = list(dict.fromkeys(tables_col))
@@ -98,8 +123,11 @@ def _to_wire(batch: Batch) -> list:
     return [sites, tables, colsets, cols, ranges]
 
 
-def screen(sites, tables, colsets, cols, ranges) -> None:
-    """Raise WireError unless the wire fields describe a valid Batch (model rules)."""
+def screen(sites, tables, colsets, cols, ranges, *, indices_trusted: bool = False) -> None:
+    """Raise WireError unless the wire fields describe a valid Batch (model rules).
+
+    ``indices_trusted`` skips checking the index columns, for wire forms we built.
+    """
     for i, s in enumerate(sites):
         if type(s) is not bytes or len(s) != SITE_ID_LEN:
             raise WireError(f"site {i} must be {SITE_ID_LEN} bytes, got {describe(s)}")
@@ -112,7 +140,7 @@ def screen(sites, tables, colsets, cols, ranges) -> None:
             _check_name(c, f"colset {i}: column name")
         if len(set(cs)) != len(cs):
             raise WireError(f"colset {i}: a column appears twice")
-    _screen_changes(len(sites), len(tables), colsets, cols)
+    _screen_changes(len(sites), len(tables), colsets, cols, indices_trusted)
     if len(ranges) > MAX_BATCH_RANGES:
         raise WireError(f"{len(ranges)} ranges (limit {MAX_BATCH_RANGES})")
     for i, r in enumerate(ranges):
@@ -124,7 +152,7 @@ def screen(sites, tables, colsets, cols, ranges) -> None:
             raise WireError(f"range {i}: empty or inverted range ({r[1]}, {r[2]}]")
 
 
-def _screen_changes(n_sites: int, n_tables: int, colsets, cols) -> None:
+def _screen_changes(n_sites: int, n_tables: int, colsets, cols, indices_trusted: bool) -> None:
     if type(cols) not in (tuple, list) or len(cols) != N_COLUMNS:
         raise WireError(f"changes must be {N_COLUMNS} column arrays")
     if not set(map(type, cols)) <= {tuple, list}:
@@ -137,9 +165,10 @@ def _screen_changes(n_sites: int, n_tables: int, colsets, cols) -> None:
     if not n:
         return
     tis, pks, sis, dbvs, hlcs, alives, cis, vals = cols
-    _check_ints(tis, 0, n_tables - 1, "change {i}: table index")
-    _check_ints(sis, 0, n_sites - 1, "change {i}: site index")
-    _check_ints(cis, 0, len(colsets) - 1, "change {i}: colset index")
+    if not indices_trusted:
+        _check_ints(tis, 0, n_tables - 1, "change {i}: table index")
+        _check_ints(sis, 0, n_sites - 1, "change {i}: site index")
+        _check_ints(cis, 0, len(colsets) - 1, "change {i}: colset index")
     _check_ints(dbvs, 1, U63_MAX, "change {i}: db version")
     _check_ints(hlcs, 0, U63_MAX, "change {i}: hlc")
     if not set(map(type, alives)) <= _ALIVE_TYPES:
@@ -150,13 +179,12 @@ def _screen_changes(n_sites: int, n_tables: int, colsets, cols) -> None:
     if min(pk_lens) < 1 or max(pk_lens) > MAX_PK_COLUMNS:
         i = next(i for i, k in enumerate(pk_lens) if not 1 <= k <= MAX_PK_COLUMNS)
         raise WireError(f"change {i}: primary key must have 1..{MAX_PK_COLUMNS} values, got {pk_lens[i]}")
-    _check_values(pks, "primary key")
     _check_rows(vals, "values")
     widths = [len(cs) for cs in colsets]
     if list(map(len, vals)) != list(map(widths.__getitem__, cis)):
         i = next(i for i, (v, c) in enumerate(zip(vals, cis)) if len(v) != widths[c])
         raise WireError(f"change {i}: {widths[cis[i]]} columns but {len(vals[i])} values")
-    _check_values(vals, "value")
+    _check_values(pks, vals)
     empty = {i for i, w in enumerate(widths) if not w}
     if empty and None in compress(alives, map(empty.__contains__, cis)):
         i = next(i for i, (a, c) in enumerate(zip(alives, cis)) if a is None and c in empty)
@@ -177,24 +205,45 @@ def _check_rows(rows, what: str) -> None:
         raise WireError(f"change {i}: {what} must be an array, got {describe(rows[i])}")
 
 
-def _check_values(rows, what: str) -> None:
-    flat = list(chain.from_iterable(rows))
+def check_value_lengths(batch: Batch) -> None:
+    """Raise unless every text and bytes value is at most MAX_VALUE_BYTES long.
+
+    The screen leaves this out: only a frame longer than MAX_VALUE_BYTES can
+    hold such a value, so the codec calls this for those frames alone.
+    """
+    pks = map(attrgetter("pk"), batch.changes)
+    vals = map(attrgetter("values"), batch.changes)
+    flat = list(chain.from_iterable(chain(pks, vals)))
+    sized = compress(flat, map(_SIZED_TYPES.__contains__, map(type, flat)))
+    longest = max(map(len, sized), default=0)
+    if longest > MAX_VALUE_BYTES:
+        i, n = next((i, len(v)) for i, c in enumerate(batch.changes) for v in c.pk + c.values
+                    if type(v) in _SIZED_TYPES and len(v) > MAX_VALUE_BYTES)
+        raise WireError(f"change {i}: a value of {n} bytes exceeds {MAX_VALUE_BYTES}")
+
+
+def _check_values(pks, vals) -> None:
+    """Raise unless every primary-key value and column value is a SQLite value."""
+    flat = list(chain.from_iterable(chain(pks, vals)))
     types = set(map(type, flat))
     ok = types <= _VALUE_TYPES
     if ok and int in types:
-        ints = list(filter(int.__instancecheck__, flat))
-        ok = INT64_MIN <= min(ints) and max(ints) <= INT64_MAX
+        try:
+            array("q", filter(int.__instancecheck__, flat))
+        except OverflowError:
+            ok = False
     if ok and float in types:
         ok = not any(map(math.isnan, filter(float.__instancecheck__, flat)))
     if ok:
         return
-    for i, row in enumerate(rows):
-        for v in row:
-            try:
-                check_value(v, what)
-            except InvalidChange as e:
-                raise WireError(f"change {i}: {e}") from None
-    raise WireError(f"{what}s must be nil, integers, floats, text or bytes")
+    for what, rows in (("primary key", pks), ("value", vals)):
+        for i, row in enumerate(rows):
+            for v in row:
+                try:
+                    check_value(v, what)
+                except InvalidChange as e:
+                    raise WireError(f"change {i}: {e}") from None
+    raise WireError("values must be nil, integers, floats, text or bytes")
 
 
 def _check_name(name: object, what: str) -> None:

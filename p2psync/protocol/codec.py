@@ -20,12 +20,12 @@ import re
 import msgpack
 
 from ..model import VersionVector
-from .batchwire import WireError, batch_from_wire, batch_to_wire
+from .batchwire import WireError, batch_from_wire, batch_to_wire, check_value_lengths
 from .errors import LocalProtocolError, describe
 from .events import Ack, BatchEvent, Error, Event, Hello, Ping, Pong, event_name
 from .limits import (
     FRAME_HEADER_LEN, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_FRAME, MAX_MAP_LEN, MAX_SCHEMA_LEN, MAX_STR_LEN, MAX_VV_ENTRIES, PROTOCOL_VERSION,
+    MAX_FRAME, MAX_MAP_LEN, MAX_SCHEMA_LEN, MAX_STR_LEN, MAX_VALUE_BYTES, MAX_VV_ENTRIES, PROTOCOL_VERSION,
     SITE_ID_LEN, U63_MAX,
 )
 
@@ -49,6 +49,8 @@ def encode_event(event: Event) -> bytes:
     try:
         body = _ENCODERS[tag](event)
         data = msgpack.packb(body)
+        if tag == BATCH and len(data) > MAX_VALUE_BYTES:
+            check_value_lengths(event.batch)
     except (_Bad, WireError) as e:
         raise LocalProtocolError("invalid-event", f"cannot send {name}: {e}") from None
     except (TypeError, ValueError, OverflowError) as e:
@@ -124,7 +126,10 @@ def decode_body(body: bytes) -> Event:
     try:
         if len(fields) != n_fields:
             raise _Bad(f"{len(fields)} fields, expected {n_fields}")
-        return build(*fields)
+        event = build(*fields)
+        if tag == BATCH and len(body) > MAX_VALUE_BYTES:
+            check_value_lengths(event.batch)
+        return event
     except (_Bad, WireError) as e:
         raise LocalProtocolError("bad-frame", f"peer sent a malformed {name}: {e}") from None
 
@@ -228,7 +233,7 @@ def _site(v: object, what: str) -> None:
 
 def _bytes(v: object, limit: int, what: str) -> None:
     if type(v) is not bytes or len(v) > limit:
-        raise _Bad(f"{what} must be at most {limit} bytes, got {describe(v)}")
+        raise _Bad(f"{what} must be a byte string of at most {limit} bytes, got {describe(v)}")
 
 
 def _error_fields(code: object, message: object) -> None:

@@ -6,7 +6,7 @@ belong to the model and are re-exported here so the codec has one source.
 
 from __future__ import annotations
 
-from ..model.change import INT64_MAX, INT64_MIN, MAX_COLUMNS, MAX_NAME_LEN, MAX_PK_COLUMNS
+from ..model.change import INT64_MAX, INT64_MIN, MAX_COLUMNS, MAX_NAME_LEN, MAX_PK_COLUMNS, MAX_VALUE_BYTES
 from ..model.version_vector import SITE_ID_LEN
 
 PROTOCOL_VERSION = 1
@@ -21,8 +21,10 @@ MAX_SCHEMA_LEN = 64                      # bytes of schema fingerprint in a Hell
 MAX_ERROR_CODE_LEN = 64                  # chars of Error.code ([a-z0-9-])
 MAX_ERROR_MESSAGE_LEN = 4096             # chars of Error.message
 
-# Passed to msgpack.unpackb so no single container or string can exceed what
-# some field may legitimately hold; the frame limit bounds everything else.
+# Passed to msgpack.unpackb so no single container can exceed what some field
+# may legitimately hold; the frame limit bounds everything else. A text or
+# bytes value may be up to MAX_VALUE_BYTES long, which only a frame longer
+# than that can hold, so the codec checks value lengths only in such frames.
 MAX_ARRAY_LEN = max(MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS)
 MAX_MAP_LEN = MAX_VV_ENTRIES
 MAX_BIN_LEN = MAX_FRAME
@@ -34,5 +36,5 @@ __all__ = [
     "PROTOCOL_VERSION", "FRAME_HEADER_LEN", "MAX_FRAME", "MAX_BATCH_CHANGES", "MAX_BATCH_RANGES",
     "MAX_VV_ENTRIES", "MAX_SCHEMA_LEN", "MAX_ERROR_CODE_LEN", "MAX_ERROR_MESSAGE_LEN",
     "MAX_ARRAY_LEN", "MAX_MAP_LEN", "MAX_BIN_LEN", "MAX_STR_LEN", "U63_MAX", "INT64_MIN",
-    "INT64_MAX", "MAX_COLUMNS", "MAX_NAME_LEN", "MAX_PK_COLUMNS", "SITE_ID_LEN",
+    "INT64_MAX", "MAX_COLUMNS", "MAX_NAME_LEN", "MAX_PK_COLUMNS", "MAX_VALUE_BYTES", "SITE_ID_LEN",
 ]

@@ -1,0 +1,180 @@
+"""Helpers for store tests: an application process writing with stdlib sqlite3, syncing, dumps.
+
+The application runs in its own process. Python's ``sqlite3`` module links
+the system's SQLite while apsw bundles its own; two copies of SQLite in one
+process do not see each other's POSIX locks (https://sqlite.org/howtocorrupt.html
+§2.2.1), so an application and the agent sharing one process can corrupt the
+database. Real applications are other processes; so is this one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+
+from p2psync.model import Batch, VersionVector
+from p2psync.store import ApplyResult, SqliteStore
+
+_APP_SERVER = r"""
+import pickle, sqlite3, sys
+conns = {}
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    try:
+        op, db, arg = pickle.load(inp)
+    except EOFError:
+        break
+    try:
+        c = conns.get(db)
+        if c is None and op != "close":
+            c = conns[db] = sqlite3.connect(db, isolation_level=None, timeout=30)
+        res = None
+        if op == "tx":
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in arg:
+                    c.execute(sql, params)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+        elif op == "script":
+            c.executescript(arg)
+        elif op == "query":
+            res = c.execute(arg[0], arg[1]).fetchall()
+        elif op == "close":
+            if c is not None:
+                c.close()
+                del conns[db]
+        reply = ("ok", res)
+    except Exception as e:
+        reply = ("err", f"{type(e).__name__}: {e}")
+    pickle.dump(reply, out)
+    out.flush()
+"""
+
+
+class AppError(Exception):
+    """The application's SQL failed."""
+
+
+class App:
+    """An application process that writes to SQLite files with Python's stdlib ``sqlite3``."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _APP_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+
+    def _call(self, op: str, db, arg=None):
+        pickle.dump((op, str(db), arg), self.proc.stdin)
+        self.proc.stdin.flush()
+        status, res = pickle.load(self.proc.stdout)
+        if status != "ok":
+            raise AppError(res)
+        return res
+
+    def tx(self, db, stmts) -> None:
+        """Run ``[(sql, params), ...]`` as one committed transaction."""
+        self._call("tx", db, [(s, tuple(p)) for s, p in stmts])
+
+    def execute(self, db, sql: str, params=()) -> None:
+        self.tx(db, [(sql, params)])
+
+    def script(self, db, sql: str) -> None:
+        self._call("script", db, sql)
+
+    def query(self, db, sql: str, params=()) -> list[tuple]:
+        return self._call("query", db, (sql, tuple(params)))
+
+    def disconnect(self, db) -> None:
+        self._call("close", db)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def ident(v) -> tuple:
+    """A value's identity as a user sees it: type and exact bits (1 != 1.0, 0.0 != -0.0)."""
+    if isinstance(v, float):
+        return ("real", struct.pack("<d", v))
+    return (type(v).__name__, v)
+
+
+def ident_rows(rows) -> list[tuple]:
+    return [tuple(ident(v) for v in r) for r in rows]
+
+
+def table_rows(app: App, db, table: str, order: str) -> list[tuple]:
+    """The app's view of ``table``, values identified by type and bits."""
+    return ident_rows(app.query(db, f'SELECT * FROM "{table}" ORDER BY {order}'))
+
+
+def dump(path) -> dict[str, list]:
+    """Every table of the database, p2psync's own included, rows sorted (read with apsw)."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+        out = {}
+        for n in names:
+            rows = ident_rows(conn.execute(f'SELECT * FROM "{n}"').fetchall())
+            out[n] = sorted(rows, key=repr)
+        return out
+    finally:
+        conn.close()
+
+
+def transfer(src: SqliteStore, dst: SqliteStore, now_ms: int, max_changes: int = 1000,
+             max_bytes: int = 1 << 20) -> list[ApplyResult]:
+    """Send everything ``dst`` lacks from ``src``, applying each group whole as documented."""
+    results = []
+    parts = []
+    for batch, more in src.changes_since(dst.version_vector(), max_changes, max_bytes):
+        parts.append(batch)
+        if not more:
+            results.append(dst.apply(join(parts), now_ms))
+            parts = []
+    assert not parts, "the stream ended inside a group"
+    return results
+
+
+def join(parts: list[Batch]) -> Batch:
+    """The parts of one group as one batch: all their changes, the last part's ranges."""
+    return Batch(tuple(c for p in parts for c in p.changes), parts[-1].ranges)
+
+
+def groups(src: SqliteStore, vv: VersionVector, max_changes: int = 1000, max_bytes: int = 1 << 20) -> list[Batch]:
+    """The whole groups ``src`` would send to a peer with ``vv``."""
+    out, parts = [], []
+    for batch, more in src.changes_since(vv, max_changes, max_bytes):
+        parts.append(batch)
+        if not more:
+            out.append(join(parts))
+            parts = []
+    return out
+
+
+def sync_all(stores: list[SqliteStore], now_ms: int, rounds: int = 10) -> int:
+    """All-pairs sync until the version vectors stop changing; returns the rounds used."""
+    for r in range(1, rounds + 1):
+        for s in stores:
+            s.stamp(now_ms)
+        before = [s.version_vector() for s in stores]
+        for a in stores:
+            for b in stores:
+                if a is not b:
+                    transfer(a, b, now_ms)
+        if [s.version_vector() for s in stores] == before:
+            return r
+    raise AssertionError(f"version vectors still changing after {rounds} rounds of all-pairs sync")
+
+
+def new_db(app: App, path: Path, schema: str) -> Path:
+    app.script(path, schema)
+    return path
