@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .agent.control import ControlError
 from .config import ConfigError, load_config
 from .identity import (IdentityError, InviteError, create_device, invite_code, load_device,
                        parse_invite, resolve_home)
@@ -22,7 +23,8 @@ class UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", help="device directory (default: $P2PSYNC_HOME or ~/.local/share/p2psync)")
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="device directory (default: $P2PSYNC_HOME or ~/.local/share/p2psync)")
     p = argparse.ArgumentParser(prog="p2psync", description="Peer-to-peer sync of SQLite databases.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _home(args) -> Path:
-    return resolve_home(args.home)
+    return resolve_home(getattr(args, "home", None))
 
 
 def cmd_init(args) -> int:
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, InviteError) as e:
         print(f"p2psync: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (IdentityError, StoreError, RuntimeError, OSError) as e:
+    except (IdentityError, StoreError, ControlError, RuntimeError, OSError) as e:
         print(f"p2psync: {e}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

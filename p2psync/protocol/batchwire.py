@@ -16,6 +16,13 @@ restates ``model.change.check_change`` rule by rule (a property test holds
 the two in agreement); only when a column fails does a Python loop look for
 the first offending change, to name it in the error.
 
+Outgoing batches are screened too; when one fails, ``model.check_batch``
+words the error. Text and bytes lengths are checked separately
+(``check_value_lengths``), and only for frames long enough to hold an
+oversized value. Decoded changes are built field by field with C-level maps
+(``_build_changes``), since a frozen dataclass's ``__init__`` costs more
+than all the rest of decoding.
+
 Containers on the wire decode as tuples (``use_list=False``), which is what
 the model wants for primary keys, column names and values.
 """
@@ -32,7 +39,7 @@ from operator import attrgetter
 from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value
 from .errors import describe
 from .limits import (
-    INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
+    MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
     MAX_PK_COLUMNS, MAX_VALUE_BYTES, SITE_ID_LEN, U63_MAX,
 )
 

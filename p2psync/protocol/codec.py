@@ -109,7 +109,8 @@ def decode_body(body: bytes) -> Event:
             max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
         )
     except Exception as e:  # whatever the parser raises, the peer sent garbage
-        raise LocalProtocolError("bad-frame", f"peer sent a frame that is not valid msgpack ({type(e).__name__}: {e})"[:300]) from None
+        why = f"{type(e).__name__}: {e}"[:200]
+        raise LocalProtocolError("bad-frame", f"peer sent a frame that is not valid msgpack ({why})") from None
     if type(obj) is not tuple or not obj or type(obj[0]) is not int:
         raise LocalProtocolError("bad-frame", "peer sent a frame that is not an array starting with an event type")
     tag, fields = obj[0], obj[1:]

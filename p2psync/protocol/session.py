@@ -29,6 +29,9 @@ Rules enforced on both sides:
   (Pongs are returned too and may be ignored): every byte we write comes out
   of ``send`` or ``handle_timer``, nothing is queued behind the caller's back.
 
+Once the peer has sent Error or closed, ``next_event`` returns CLOSED and
+any further bytes from it are ignored.
+
 Errors: anything wrong with the peer's bytes or timing raises
 ``RemoteProtocolError`` from ``receive_data``/``next_event``/``handle_timer``;
 afterwards those keep raising it, and ``send`` accepts only an ``Error`` (to
@@ -146,7 +149,8 @@ class Session:
                 raise LocalProtocolError("unexpected-event", f"cannot send Batch while the peer is in state "
                                          f"{self.their_state.value} (batches follow both Hellos)")
             if event.seq != self.next_seq:
-                raise LocalProtocolError("bad-seq", f"cannot send Batch with seq {event.seq!r}; next seq is {self.next_seq}")
+                raise LocalProtocolError(
+                    "bad-seq", f"cannot send Batch with seq {event.seq!r}; next seq is {self.next_seq}")
             if self.unacked >= self.window:
                 raise LocalProtocolError("window-full", f"cannot send Batch {event.seq}: {self.unacked} batches "
                                          f"unacknowledged (window {self.window}); wait for an Ack")
@@ -233,7 +237,8 @@ class Session:
             self.peer_hello = event
         elif t is BatchEvent:
             if event.seq != self._received_seq + 1:
-                raise LocalProtocolError("bad-seq", f"peer sent Batch with seq {event.seq}, expected {self._received_seq + 1}")
+                raise LocalProtocolError(
+                    "bad-seq", f"peer sent Batch with seq {event.seq}, expected {self._received_seq + 1}")
             self._received_seq = event.seq
         elif t is Ack:
             if not self._acked_seq < event.seq <= self._sent_seq:

@@ -1,0 +1,358 @@
+"""The agent: one root nursery wiring listener, dialers, change watcher and control socket.
+
+How this works: the listener accepts TCP connections and runs the Noise
+handshake as responder under a deadline; each static peer gets a dialer that
+connects, handshakes as initiator and reconnects with jittered exponential
+backoff. Authenticated connections are keyed by the peer's static key: when
+two connections to the same peer exist (both sides dialled at once) the one
+initiated by the lower static key is kept, on both sides. The watcher wakes
+on writes to the database files, stamps new local writes and tells every
+connection there is something to send. SIGTERM/SIGINT cancel the nursery;
+a batch being applied finishes first (worker threads are not abandoned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..config import Config
+from ..identity import Device
+from ..net.connection import Connection, PeerClosed, SyncSettings
+from ..net.noise_stream import HandshakeFailed, NoiseStream
+from ..noise import agent_handshake
+from ..protocol import PROTOCOL_VERSION
+from ..store import SqliteStore
+from .bus import ChangeBus
+from .control import serve_control
+from .sdnotify import Notifier
+from .store_worker import StoreWorker, wall_ms
+from .watcher import DbWatcher
+
+log = logging.getLogger("p2psync.agent")
+
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 64
+HELD_RETRY_INTERVAL = 30.0
+
+
+def prologue(group_id: bytes) -> bytes:
+    """Binds the handshake to the protocol name, version and group."""
+    return b"p2psync/" + str(PROTOCOL_VERSION).encode() + b"/" + group_id
+
+
+@dataclass
+class Link:
+    """A live authenticated connection."""
+
+    conn: Connection
+    scope: trio.CancelScope
+    address: str
+    initiator_key: bytes
+    since: float
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class DialState:
+    """What a dialer is doing, for status."""
+
+    address: str
+    state: str = "starting"
+    last_error: str | None = None
+    peer_key: bytes | None = None
+
+
+class Agent:
+    """A running p2psync agent for one device."""
+
+    def __init__(self, device: Device, config: Config, settings: SyncSettings | None = None):
+        self.device, self.config = device, config
+        self.settings = settings or SyncSettings()
+        self.store = SqliteStore(device.db_path, device.site_id,
+                                 max_clock_skew_ms=int(config.max_clock_skew * 1000))
+        self.worker = StoreWorker(self.store)
+        self.bus = ChangeBus()
+        self.site_id = device.site_id
+        self.static_public = device.static_public
+        self.schema = self.store.schema_fingerprint()
+        self.links: dict[bytes, Link] = {}
+        self.dialers: dict[str, DialState] = {}
+        self.counters = {"handshake_failures": 0, "protocol_errors": 0, "batches_applied": 0,
+                         "cells_applied": 0, "changes_held": 0}
+        self.listen_address: tuple[str, int] | None = None
+        self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self.notifier = Notifier()
+
+    wall_ms = staticmethod(wall_ms)
+
+    # -- callbacks from connections ----------------------------------------
+
+    def on_hello(self, conn: Connection, hello) -> None:
+        log.info("peer %s (site %s) says hello", conn.label, hello.site_id.hex()[:12])
+
+    def on_applied(self, conn: Connection, batch, result) -> None:
+        self.counters["batches_applied"] += 1
+        self.counters["cells_applied"] += result.cells_won
+        self.counters["changes_held"] += result.held
+        if result.held:
+            log.warning("held %d changes from %s (unknown table/column or clock too far ahead); "
+                        "see `p2psync status`", result.held, conn.label)
+        self.bus.notify()
+
+    # -- connections --------------------------------------------------------
+
+    def _handshake(self, initiator: bool):
+        return agent_handshake(initiator, self.device.static_private, self.device.group.psk(),
+                               prologue(self.device.group.group_id))
+
+    async def _secure(self, stream, initiator: bool, label: str) -> NoiseStream | None:
+        ns = NoiseStream(stream, self._handshake(initiator))
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await ns.do_handshake()
+            return ns
+        except trio.TooSlowError:
+            reason = f"no complete handshake within {HANDSHAKE_TIMEOUT:g} s"
+        except HandshakeFailed as e:
+            reason = str(e)
+        except (trio.BrokenResourceError, OSError) as e:
+            reason = f"connection broke during the handshake ({e})"
+        self.counters["handshake_failures"] += 1
+        log.warning("connection %s %s: %s; closed", "to" if initiator else "from", label, reason)
+        with trio.CancelScope(shield=True):
+            await ns.aclose()
+        return None
+
+    async def _handle_inbound(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            label = f"{host}:{port}"
+        except OSError:
+            label = "?"
+        if self._handshakes.value == 0:
+            log.warning("too many handshakes in progress; refusing connection from %s", label)
+            await stream.aclose()
+            return
+        async with self._handshakes:
+            ns = await self._secure(stream, False, label)
+        if ns is not None:
+            await self._run_link(ns, label, initiator=False)
+
+    async def _run_link(self, ns: NoiseStream, label: str, initiator: bool) -> None:
+        remote = ns.remote_static
+        try:
+            if remote == self.static_public:
+                log.warning("connection %s leads back to this device; closed", label)
+                return
+            my_init = self.static_public if initiator else remote
+            preferred = min(self.static_public, remote)
+            old = self.links.get(remote)
+            if old is not None:
+                if old.initiator_key == preferred and my_init != preferred:
+                    log.debug("already connected to %s via %s; dropping duplicate %s", remote.hex()[:12],
+                              old.address, label)
+                    return
+                old.scope.cancel()
+            conn = Connection(ns, self, label, self.settings)
+            with trio.CancelScope() as scope:
+                link = Link(conn, scope, label, my_init, time.time())
+                self.links[remote] = link
+                log.info("connected to %s", label)
+                try:
+                    await conn.run()
+                except PeerClosed as e:
+                    log.info("connection with %s ended: %s", label, e)
+                    if "protocol error" in str(e):
+                        self.counters["protocol_errors"] += 1
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    log.info("connection with %s lost: %s", label, e or "broken")
+            if self.links.get(remote) is link:
+                del self.links[remote]
+            link.closed.set()
+        finally:
+            with trio.CancelScope(shield=True):
+                await ns.aclose()
+
+    async def _dial_loop(self, host: str, port: int) -> None:
+        address = f"{host}:{port}"
+        st = self.dialers[address] = DialState(address)
+        backoff = 0.2
+        while True:
+            link = self.links.get(st.peer_key) if st.peer_key else None
+            if link is not None:
+                st.state = "connected (inbound)" if link.address != address else "connected"
+                await link.closed.wait()
+                continue
+            st.state = "connecting"
+            started = trio.current_time()
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await trio.open_tcp_stream(host, port)
+                ns = await self._secure(stream, True, address)
+                if ns is not None:
+                    st.peer_key, st.state, st.last_error = ns.remote_static, "connected", None
+                    await self._run_link(ns, address, initiator=True)
+                    st.last_error = "connection ended"
+                else:
+                    st.last_error = "handshake failed"
+            except (OSError, trio.TooSlowError) as e:
+                st.last_error = f"cannot connect: {e or 'timed out'}"
+                log.debug("dial %s: %s", address, st.last_error)
+            if trio.current_time() - started > 10:
+                backoff = 0.2
+            st.state = "backoff"
+            await trio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 30.0)
+
+    # -- local changes ------------------------------------------------------
+
+    async def _watch_db(self) -> None:
+        with DbWatcher(self.device.db_path) as watcher:
+            last = await self.worker.data_version()
+            if await self.worker.stamp():
+                self.bus.notify()
+            while True:
+                await watcher.wait_changed()
+                dv = await self.worker.data_version()
+                if dv != last:
+                    last = dv
+                    if await self.worker.stamp():
+                        self.bus.notify()
+
+    async def _retry_held(self) -> None:
+        while True:
+            await trio.sleep(HELD_RETRY_INTERVAL)
+            if await self.worker.release_held(False):
+                self.bus.notify()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    # -- control ------------------------------------------------------------
+
+    async def _control(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return await self.status()
+        if cmd == "release":
+            n = await self.worker.release_held(True)
+            if n:
+                self.bus.notify()
+            return {"released": n}
+        return {"error": f"unknown command {cmd!r}; known: status, release"}
+
+    async def status(self) -> dict:
+        vv = await self.worker.version_vector()
+        held = await self.worker.held()
+        now = time.time()
+        peers = []
+        for key, link in self.links.items():
+            c = link.conn
+            peers.append({
+                "address": link.address, "state": "connected", "key": key.hex()[:16],
+                "site": c.peer_site.hex() if c.peer_site else None,
+                "connected_for_s": round(now - link.since, 1),
+                "last_seen_s_ago": round(trio.current_time() - c.last_seen, 1),
+                "we_owe": c.peer.owed_to_peer(vv) if c.peer else None,
+                "they_owe": c.peer.owed_by_peer(c.peer_vv, vv) if c.peer else None,
+                "batches_sent": c.peer.batches_sent if c.peer else 0,
+                "batches_received": c.peer.batches_received if c.peer else 0,
+            })
+        connected = {l.address for l in self.links.values()}
+        for addr, st in self.dialers.items():
+            if addr not in connected and not st.state.startswith("connected"):
+                peers.append({"address": addr, "state": st.state, "last_error": st.last_error})
+        return {
+            "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
+            "group": self.device.group.group_id.hex(),
+            "listen": f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None,
+            "version_vector": {s.hex(): n for s, n in vv.items()},
+            "tracked": [s.name for s in self.store.tracked()],
+            "peers": peers,
+            "held": {"count": len(held), "reasons": _count(h.reason for h in held)},
+            "counters": dict(self.counters),
+        }
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.config.listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.listen_address = listeners[0].socket.getsockname()[:2]
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.serve_listeners, self._handle_inbound, listeners)
+            await n.start(serve_control, self.device.home / "agent.sock", self._control)
+            n.start_soon(self._watch_db)
+            n.start_soon(self._retry_held)
+            for h, p in self.config.peers:
+                n.start_soon(self._dial_loop, h, p)
+            n.start_soon(self._watchdog)
+            log.info("agent %s listening on %s:%d, %d static peers", self.device.name,
+                     *self.listen_address, len(self.config.peers))
+            self.notifier.ready(f"listening on {self.listen_address[0]}:{self.listen_address[1]}")
+            task_status.started(self.listen_address)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr; with journald's priority prefixes when running under systemd."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        prio = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+        class JournalFormatter(logging.Formatter):
+            def format(self, record):
+                return f"<{prio.get(record.levelname, 6)}>{record.name}: {record.getMessage()}"
+
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run_agent(device: Device, config: Config) -> int:
+    """Run the agent until SIGTERM/SIGINT; the process exit status."""
+    setup_logging(config.log_level)
+    agent = Agent(device, config)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await n.start(agent.run)
+                async for sig in signals:
+                    log.info("%s received: closing connections", signal.Signals(sig).name)
+                    agent.notifier.stopping()
+                    n.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    finally:
+        agent.close()
+    log.info("agent stopped")
+    return 0

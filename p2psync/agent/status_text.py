@@ -1,0 +1,27 @@
+"""Formatting `p2psync status` for people."""
+
+from __future__ import annotations
+
+
+def format_status(st: dict) -> str:
+    """The status reply as a few aligned lines."""
+    d = st["device"]
+    lines = [f"device   {d['name']} (site {d['site'][:12]}), group {st['group'][:12]}",
+             f"database {d['db']}",
+             f"listen   {st.get('listen') or '-'}",
+             f"tracked  {', '.join(st.get('tracked') or []) or '(none: run `p2psync track TABLE`)'}"]
+    held = st.get("held", {})
+    if held.get("count"):
+        reasons = ", ".join(f"{k}: {v}" for k, v in held["reasons"].items())
+        lines.append(f"held     {held['count']} changes ({reasons}); `p2psync release` applies skewed ones now")
+    else:
+        lines.append("held     0 changes")
+    peers = st.get("peers", [])
+    lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
+    for p in peers:
+        if p["state"] == "connected":
+            lines.append(f"  {p['address']:<22} connected {p['connected_for_s']:>7.1f}s  last seen "
+                         f"{p['last_seen_s_ago']:.1f}s ago  we owe {p['we_owe']}  they owe {p['they_owe']}")
+        else:
+            lines.append(f"  {p['address']:<22} {p['state']}  ({p.get('last_error') or 'no error'})")
+    return "\n".join(lines)

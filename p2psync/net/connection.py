@@ -1,0 +1,158 @@
+"""The per-connection pump: NoiseStream <-> protocol Session <-> store.
+
+How this works: after the Noise handshake each side sends Hello. Three tasks
+share the connection: the reader feeds received bytes to the Session and acts
+on events (applies complete batches in a worker thread, then acks; answers
+pings), the sender streams what the peer lacks in batches while the window
+allows and then waits for new local changes, and the timer task sends
+heartbeats and enforces the idle timeout. Every write goes through one lock,
+so frames never interleave. Any protocol error is sent to the peer as an
+Error, logged with the peer's address, and closes this connection only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Ping,
+                        ProtocolError, Session)
+from ..store import StoreError
+from ..sync import GroupTooLarge, PeerSync
+
+log = logging.getLogger("p2psync.net")
+
+RECEIVE_SIZE = 256 * 1024
+
+
+@dataclass
+class SyncSettings:
+    """Tunables of a sync session."""
+
+    heartbeat_interval: float = 5.0
+    idle_timeout: float = 15.0
+    hello_timeout: float = 10.0
+    window: int = 8
+    max_changes: int = 2000
+    max_bytes: int = 1 << 20
+
+
+class PeerClosed(Exception):
+    """The connection ended; the message says why."""
+
+
+class Connection:
+    """One authenticated connection to one peer."""
+
+    def __init__(self, stream, ctx, label: str, settings: SyncSettings):
+        self.stream, self.ctx, self.label, self.settings = stream, ctx, label, settings
+        self.session = Session(ctx.site_id, heartbeat_interval=settings.heartbeat_interval,
+                               idle_timeout=settings.idle_timeout, hello_timeout=settings.hello_timeout,
+                               window=settings.window)
+        self.peer: PeerSync | None = None
+        self.peer_site: bytes | None = None
+        self._send_lock = trio.Lock()
+        self._hello = trio.Event()
+        self._window = trio.Event()
+        self.last_seen = trio.current_time()
+        self.peer_vv = None
+
+    def _now(self) -> float:
+        return trio.current_time()
+
+    async def _write(self, event) -> None:
+        async with self._send_lock:
+            data = self.session.send(event, self._now())
+            await self.stream.send_all(data)
+
+    async def run(self) -> None:
+        """Sync with the peer until the connection ends; raises PeerClosed with the reason."""
+        ctx = self.ctx
+        vv = await ctx.worker.version_vector()
+        await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv))
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._reader, n.cancel_scope)
+                n.start_soon(self._sender)
+                n.start_soon(self._timer)
+        except ProtocolError as e:
+            await self._send_error(e.code, str(e))
+            raise PeerClosed(f"protocol error: {e}") from e
+        except GroupTooLarge as e:
+            await self._send_error("too-large", str(e))
+            raise PeerClosed(str(e)) from e
+        except StoreError as e:
+            await self._send_error("apply-failed", str(e))
+            raise PeerClosed(f"could not apply a batch: {e}") from e
+
+    async def _send_error(self, code: str, message: str) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self._write(Error(code, message[:1000]))
+            except Exception:  # the connection may already be gone
+                pass
+
+    async def _reader(self, scope: trio.CancelScope) -> None:
+        session, ctx = self.session, self.ctx
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            session.receive_data(data, self._now())
+            self.last_seen = self._now()
+            while True:
+                ev = session.next_event()
+                if ev is NEED_DATA:
+                    break
+                if ev is CLOSED:
+                    raise PeerClosed("peer closed the connection")
+                t = type(ev)
+                if t is BatchEvent:
+                    batch = self.peer.received_part(ev.batch, ev.more)
+                    if batch is not None:
+                        result = await ctx.worker.apply(batch)
+                        ctx.on_applied(self, batch, result)
+                    await self._write(Ack(ev.seq))
+                elif t is Ack:
+                    self._window.set()
+                elif t is Ping:
+                    await self._write(ev.response())
+                elif t is Hello:
+                    self.peer_site = ev.site_id
+                    self.peer_vv = ev.vv
+                    self.peer = PeerSync(ev.vv)
+                    if ev.schema != ctx.schema:
+                        log.warning("peer %s tracks a different schema; changes to tables or columns "
+                                    "unknown here will be held until they are tracked", self.label)
+                    ctx.on_hello(self, ev)
+                    self._hello.set()
+                elif t is Error:
+                    raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
+
+    async def _sender(self) -> None:
+        await self._hello.wait()
+        s, bus = self.settings, self.ctx.bus
+        seen = -1
+        while True:
+            seen = bus.version
+            async for batch, more in self.ctx.worker.batches(self.peer.known, s.max_changes, s.max_bytes):
+                if not batch.changes and not batch.ranges:
+                    continue
+                while not self.session.can_send_batch:
+                    self._window = trio.Event()
+                    await self._window.wait()
+                await self._write(BatchEvent(self.session.next_seq, batch, more))
+                self.peer.sent(batch)
+            await bus.wait_beyond(seen)
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.session.get_timer()
+            if deadline is None:
+                await trio.sleep(0.5)
+                continue
+            await trio.sleep_until(deadline)
+            async with self._send_lock:
+                data = self.session.handle_timer(self._now())
+                if data:
+                    await self.stream.send_all(data)
