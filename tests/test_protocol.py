@@ -532,7 +532,7 @@ def _model_accepts(b: Batch) -> bool:
         return False
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(maybe_invalid_changes(), min_size=1, max_size=3))
 def test_codec_accepts_exactly_what_the_model_accepts(chs):
     b = Batch(tuple(chs))

@@ -171,11 +171,11 @@ msgpack_values = st.recursive(
     | st.binary(max_size=20),
     lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=4) | st.binary(max_size=17), inner,
                                                                 max_size=4),
-    max_leaves=40,
+    max_leaves=20,
 )
 
 
-@fuzz_settings
+@settings(fuzz_settings, max_examples=150)
 @given(st.integers(0, 8), st.lists(msgpack_values, max_size=8), st.booleans())
 def test_well_formed_msgpack_of_the_wrong_shape(tag, fields, after_hello):
     run_peer_bytes(_frame(msgpack.packb([tag, *fields])), after_hello=after_hello)

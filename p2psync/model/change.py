@@ -116,6 +116,8 @@ def check_change(c: object) -> None:
     if type(cols) is not tuple or type(vals) is not tuple:
         raise InvalidChange(f"{c.table}: columns and values must be tuples")
     if len(cols) != len(vals) or len(cols) > MAX_COLUMNS:
+        if len(cols) > MAX_COLUMNS:
+            raise InvalidChange(f"{c.table}: {len(cols)} columns in one change (at most {MAX_COLUMNS})")
         raise InvalidChange(f"{c.table}: {len(cols)} columns but {len(vals)} values")
     if c.alive is None and not cols:
         raise InvalidChange(f"{c.table}: a change must set the row's existence or a column")

@@ -9,9 +9,10 @@ and column-name tuple once. ``columns`` is eight arrays of N entries each:
 table index, primary key, site index, db version, hlc, alive (nil / true /
 false), colset index, values. ``ranges`` is ``[[site index, lo, hi], ...]``.
 
-Column-wise is what makes 100k changes cheap in CPython: interning uses
-``dict.fromkeys``, and validation ("screening") is ``set(map(type, col))``,
-``min``/``max`` and ``map`` over whole columns, all running in C. The screen
+Column-wise is what makes 100k changes cheap in CPython: interning is
+``dict.fromkeys`` and ``map`` over whole columns, and validation
+("screening") is one tight loop per column with no per-change function
+calls (on 3.11 that beats chains of C-level ``map``/``filter`` passes). The screen
 restates ``model.change.check_change`` rule by rule (a property test holds
 the two in agreement); only when a column fails does a Python loop look for
 the first offending change, to name it in the error.
@@ -30,8 +31,6 @@ the model wants for primary keys, column names and values.
 from __future__ import annotations
 
 import dataclasses
-import math
-from array import array
 from collections import deque
 from itertools import chain, compress, repeat
 from operator import attrgetter
@@ -39,7 +38,7 @@ from operator import attrgetter
 from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value
 from .errors import describe
 from .limits import (
-    MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
+    INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
     MAX_PK_COLUMNS, MAX_VALUE_BYTES, SITE_ID_LEN, U63_MAX,
 )
 
@@ -47,7 +46,6 @@ N_COLUMNS = 8
 _VALUE_TYPES = frozenset({type(None), int, float, str, bytes})
 _ALIVE_TYPES = frozenset({type(None), bool})
 _SIZED_TYPES = frozenset({str, bytes})
-_INT = frozenset({int})
 _TUPLE = frozenset({tuple})
 _CHANGE = frozenset({Change})
 _RANGE = frozenset({Range})
@@ -200,7 +198,10 @@ def _screen_changes(n_sites: int, n_tables: int, colsets, cols, indices_trusted:
 
 def _check_ints(col, lo: int, hi: int, what: str) -> None:
     """Raise unless every entry is an int in [lo, hi]; ``what`` may name the entry as {i}."""
-    if not col or set(map(type, col)) <= _INT and lo <= min(col) and max(col) <= hi:
+    for v in col:
+        if type(v) is not int or not lo <= v <= hi:
+            break
+    else:
         return
     i, v = next((i, v) for i, v in enumerate(col) if type(v) is not int or not lo <= v <= hi)
     raise WireError(f"{what.format(i=i)} must be an integer in [{lo}, {hi}], got {describe(v)}")
@@ -231,17 +232,7 @@ def check_value_lengths(batch: Batch) -> None:
 
 def _check_values(pks, vals) -> None:
     """Raise unless every primary-key value and column value is a SQLite value."""
-    flat = list(chain.from_iterable(chain(pks, vals)))
-    types = set(map(type, flat))
-    ok = types <= _VALUE_TYPES
-    if ok and int in types:
-        try:
-            array("q", filter(int.__instancecheck__, flat))
-        except OverflowError:
-            ok = False
-    if ok and float in types:
-        ok = not any(map(math.isnan, filter(float.__instancecheck__, flat)))
-    if ok:
+    if _all_sqlite_values(pks) and _all_sqlite_values(vals):
         return
     for what, rows in (("primary key", pks), ("value", vals)):
         for i, row in enumerate(rows):
@@ -251,6 +242,25 @@ def _check_values(pks, vals) -> None:
                 except InvalidChange as e:
                     raise WireError(f"change {i}: {e}") from None
     raise WireError("values must be nil, integers, floats, text or bytes")
+
+
+def _all_sqlite_values(rows, lo=INT64_MIN, hi=INT64_MAX) -> bool:
+    """True if every value in every row is nil, a 64-bit int, a non-NaN float, text or bytes.
+
+    One plain loop: on 3.11 this beats any combination of C-level passes.
+    """
+    for row in rows:
+        for v in row:
+            t = type(v)
+            if t is str or t is bytes or v is None:
+                continue
+            if t is int:
+                if lo <= v <= hi:
+                    continue
+            elif t is float and v == v:
+                continue
+            return False
+    return True
 
 
 def _check_name(name: object, what: str) -> None:

@@ -77,9 +77,9 @@ class Session:
         self.idle_timeout = idle_timeout
         self.hello_timeout = hello_timeout
         self.window = window
-        self.our_state = State.AWAIT_HELLO
-        self.their_state = State.AWAIT_HELLO
-        self.peer_hello: Hello | None = None
+        self._our_state = State.AWAIT_HELLO
+        self._their_state = State.AWAIT_HELLO
+        self._peer_hello: Hello | None = None
         self._decoder = FrameDecoder()
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -94,6 +94,21 @@ class Session:
     # ---- properties ---------------------------------------------------------
 
     @property
+    def our_state(self) -> State:
+        """Where our side is: AWAIT_HELLO until we send Hello, CLOSED after we send Error."""
+        return self._our_state
+
+    @property
+    def their_state(self) -> State:
+        """Where the peer's side is: CLOSED after its Error, its end of stream, or a protocol error."""
+        return self._their_state
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        """The peer's Hello, once received."""
+        return self._peer_hello
+
+    @property
     def unacked(self) -> int:
         """Batches we sent that the peer has not acknowledged."""
         return self._sent_seq - self._acked_seq
@@ -101,8 +116,8 @@ class Session:
     @property
     def can_send_batch(self) -> bool:
         """True if a BatchEvent with seq ``next_seq`` may be sent now."""
-        return (self._error is None and self.our_state is State.SYNCING
-                and self.their_state is State.SYNCING and self.unacked < self.window)
+        return (self._error is None and self._our_state is State.SYNCING
+                and self._their_state is State.SYNCING and self.unacked < self.window)
 
     @property
     def next_seq(self) -> int:
@@ -121,14 +136,14 @@ class Session:
         if self._error is not None and type(event) is not Error:
             raise LocalProtocolError(
                 "session-failed",
-                f"cannot send {event_name(type(event))}: the peer broke the protocol "
+                f"cannot send {event_name(type(event))}: the session has failed "
                 f"({self._error.code}); send an Error and close the connection",
             )
-        new_state = next_state(self.our_state, type(event), ours=True)
+        new_state = next_state(self._our_state, type(event), ours=True)
         self._check_send(event)
         data = encode_event(event)
         self._touch(now)
-        self.our_state = new_state
+        self._our_state = new_state
         self._last_sent = now
         if type(event) is BatchEvent:
             self._sent_seq = event.seq
@@ -145,9 +160,9 @@ class Session:
             if event.site_id != self.our_site:
                 raise LocalProtocolError("invalid-event", "cannot send Hello with a site id other than our_site")
         elif t is BatchEvent:
-            if self.their_state is not State.SYNCING:
+            if self._their_state is not State.SYNCING:
                 raise LocalProtocolError("unexpected-event", f"cannot send Batch while the peer is in state "
-                                         f"{self.their_state.value} (batches follow both Hellos)")
+                                         f"{self._their_state.value} (batches follow both Hellos)")
             if event.seq != self.next_seq:
                 raise LocalProtocolError(
                     "bad-seq", f"cannot send Batch with seq {event.seq!r}; next seq is {self.next_seq}")
@@ -162,16 +177,16 @@ class Session:
     def handle_timer(self, now: float) -> bytes:
         """Act on deadlines up to ``now``: the bytes of a heartbeat Ping, or b""; raises on timeouts."""
         self._raise_if_failed()
-        if self.our_state is State.CLOSED or self.their_state is State.CLOSED:
+        if self._our_state is State.CLOSED or self._their_state is State.CLOSED:
             return b""
         self._touch(now)
-        if self.their_state is State.AWAIT_HELLO and now >= self._started + self.hello_timeout:
+        if self._their_state is State.AWAIT_HELLO and now >= self._started + self.hello_timeout:
             self._fail(LocalProtocolError("hello-timeout", f"peer sent no Hello within {self.hello_timeout:g} s"))
         if now >= self._last_received + self.idle_timeout:
             self._fail(LocalProtocolError(
                 "idle-timeout", f"nothing received from peer for {now - self._last_received:.1f} s "
                                 f"(idle timeout {self.idle_timeout:g} s)"))
-        if self.our_state is State.SYNCING and now >= self._last_sent + self.heartbeat_interval:
+        if self._our_state is State.SYNCING and now >= self._last_sent + self.heartbeat_interval:
             self._ping_token = self._ping_token + 1 if self._ping_token < U63_MAX else 0
             return self.send(Ping(self._ping_token), now)
         return b""
@@ -179,12 +194,12 @@ class Session:
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next be called, or None if no deadline is pending."""
         if (self._error is not None or self._started is None
-                or State.CLOSED in (self.our_state, self.their_state)):
+                or State.CLOSED in (self._our_state, self._their_state)):
             return None
         deadline = self._last_received + self.idle_timeout
-        if self.their_state is State.AWAIT_HELLO:
+        if self._their_state is State.AWAIT_HELLO:
             deadline = min(deadline, self._started + self.hello_timeout)
-        if self.our_state is State.SYNCING:
+        if self._our_state is State.SYNCING:
             deadline = min(deadline, self._last_sent + self.heartbeat_interval)
         return deadline
 
@@ -200,7 +215,7 @@ class Session:
             self._eof = True
             return
         self._last_received = now
-        if self.their_state is not State.CLOSED:
+        if self._their_state is not State.CLOSED:
             self._decoder.feed(data)
             try:
                 self._decoder.check_header()
@@ -210,7 +225,7 @@ class Session:
     def next_event(self) -> Event | Sentinel:
         """The next event from the peer, NEED_DATA, or CLOSED once the peer is done."""
         self._raise_if_failed()
-        if self.their_state is State.CLOSED:
+        if self._their_state is State.CLOSED:
             return CLOSED
         try:
             event = self._decoder.next_frame()
@@ -221,7 +236,7 @@ class Session:
                     raise LocalProtocolError(
                         "truncated-frame", f"peer closed the connection in the middle of a frame "
                                            f"({self._decoder.buffered} bytes of it received)")
-                self.their_state = next_state(self.their_state, Eof, ours=False)
+                self._their_state = next_state(self._their_state, Eof, ours=False)
                 return CLOSED
             self._receive_event(event)
         except LocalProtocolError as e:
@@ -229,12 +244,12 @@ class Session:
         return event
 
     def _receive_event(self, event: Event) -> None:
-        new_state = next_state(self.their_state, type(event), ours=False)
+        new_state = next_state(self._their_state, type(event), ours=False)
         t = type(event)
         if t is Hello:
             if event.site_id == self.our_site:
                 raise LocalProtocolError("self-connection", "peer has our own site id: this device connected to itself")
-            self.peer_hello = event
+            self._peer_hello = event
         elif t is BatchEvent:
             if event.seq != self._received_seq + 1:
                 raise LocalProtocolError(
@@ -245,7 +260,7 @@ class Session:
                 raise LocalProtocolError("bad-ack", f"peer sent Ack {event.seq}, but we sent batches up to "
                                          f"{self._sent_seq} and it had acked up to {self._acked_seq}")
             self._acked_seq = event.seq
-        self.their_state = new_state
+        self._their_state = new_state
 
     # ---- helpers ------------------------------------------------------------
 
@@ -254,7 +269,7 @@ class Session:
             self._started = self._last_received = self._last_sent = now
 
     def _fail(self, error: LocalProtocolError) -> None:
-        self.their_state = State.CLOSED
+        self._their_state = State.CLOSED
         try:
             error.reraise_as_remote()
         except RemoteProtocolError as remote:

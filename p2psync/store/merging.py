@@ -19,6 +19,10 @@ from ..model.merge import compare_clocks, value_wins
 from .ddl import TableSpec, q
 from .errors import StoreError
 
+# A dead row keeps only the values of cells newer than its delete (the orphans);
+# the value of an older cell is gone, and _local_value says so with this.
+_UNKNOWN = object()
+
 
 class SiteMap:
     """Site ids <-> the small integers the meta tables store."""
@@ -95,7 +99,7 @@ class TableMerge:
         self.max_hlc = 0
 
     def _local_value(self, pk: tuple, i: int, alive: bool):
-        """The current local value of column ``i`` (for value tie-breaks)."""
+        """The current local value of column ``i`` (for value tie-breaks); _UNKNOWN if not kept."""
         col = self.spec.cols[i]
         if alive:
             sql = f"SELECT {q(col)} FROM {q(self.spec.name)} WHERE {self.spec.pk_where}"
@@ -103,7 +107,9 @@ class TableMerge:
         else:
             sql = f"SELECT value FROM {self.spec.obj('orphan')} WHERE {self.spec.pk_where} AND col = ?"
             rows = self.conn.execute(sql, pk + (col,)).fetchall()
-        return rows[0][0] if rows else None
+        if rows:
+            return rows[0][0]
+        return None if alive else _UNKNOWN
 
     def apply(self, changes: list[Change]) -> None:
         """Merge ``changes`` (all for this table, columns already known)."""
@@ -120,10 +126,43 @@ class TableMerge:
         orphan_set, orphan_del = [], []
         won = 0
         max_hlc = self.max_hlc
+        has_orphans = bool(self.conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall())
         site_idx: dict[bytes, int] = {}
+        col_slots: dict[tuple[str, ...], tuple[int, ...]] = {}
         for pk, group in groups.items():
             regs = local.get(pk)
             fresh = regs is None
+            if fresh and len(group) == 1:
+                # Nothing local to compete with: every register takes the incoming write.
+                ch = group[0]
+                site = ch.site
+                s_idx = site_idx.get(site)
+                if s_idx is None:
+                    s_idx = site_idx[site] = sites.idx(site)
+                h, dbv = ch.hlc, ch.dbv
+                if h > max_hlc:
+                    max_hlc = h
+                regs = [None] * nregs
+                if ch.alive is not None:
+                    regs[0], regs[1], regs[2], regs[3] = (1 if ch.alive else 0), h, s_idx, dbv
+                slots = col_slots.get(ch.columns)
+                if slots is None:
+                    slots = col_slots[ch.columns] = tuple(col_index[c] for c in ch.columns)
+                for i in slots:
+                    b = 4 + 3 * i
+                    regs[b], regs[b + 1], regs[b + 2] = h, s_idx, dbv
+                won += len(slots) + (ch.alive is not None)
+                idx_rows.add((s_idx, dbv) + pk)
+                meta_rows.append(pk + tuple(regs))
+                if ch.alive:
+                    row = [None] * ncols
+                    for i, v in zip(slots, ch.values):
+                        row[i] = v
+                    inserts.append(pk + tuple(row))
+                elif ch.alive is None:
+                    for i, v in zip(slots, ch.values):
+                        orphan_set.append(pk + (spec.cols[i], v))
+                continue
             if fresh:
                 regs = [None] * nregs
             was_alive = regs[0] == 1
@@ -161,6 +200,12 @@ class TableMerge:
                         c = compare_clocks(lh, sites.site(regs[b + 1]), h, site)
                         if c == 0:
                             lv = vals[i] if i in vals else self._local_value(pk, i, was_alive)
+                            if lv is _UNKNOWN:
+                                # The same write again, whose value this dead row no longer
+                                # keeps: take the value (a revival in this batch needs it),
+                                # but nothing changed and nothing was won.
+                                vals[i] = v
+                                continue
                             c = 1 if value_wins(lv, v) else -1
                     if c > 0:
                         regs[b], regs[b + 1], regs[b + 2] = h, s_idx, dbv
@@ -180,11 +225,13 @@ class TableMerge:
                     if i in vals:
                         row.append(vals[i])
                     elif regs[4 + 3 * i] is not None:
-                        row.append(self._local_value(pk, i, False))
+                        lv = self._local_value(pk, i, False)
+                        row.append(None if lv is _UNKNOWN else lv)
                     else:
                         row.append(None)
                 inserts.append(row)
-                orphan_del.append(pk)
+                if has_orphans:
+                    orphan_del.append(pk)
             elif now_alive:
                 if vals:
                     cols = tuple(sorted(vals))
@@ -224,6 +271,9 @@ class TableMerge:
         except apsw.ConstraintError as e:
             raise StoreError(f"applying changes to table {spec.name!r} violates one of its constraints "
                              f"({e}); the batch was not applied") from e
+        except apsw.MismatchError as e:
+            raise StoreError(f"changes to table {spec.name!r} hold a key of the wrong type for its "
+                             f"INTEGER PRIMARY KEY ({e}); the batch was not applied") from e
         if meta_rows:
             regs = ["e_a", "e_h", "e_s", "e_v"] + spec.meta_columns()
             conn.executemany(

@@ -167,9 +167,8 @@ class SqliteStore:
         with self._write():
             self._stamp_locked(now_ms)
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
-            held = [(reason, c) for c in batch.changes if (reason := self._hold_reason(c, clock, now_ms))]
-            held_ids = {id(c) for _, c in held}
-            merged = self._merge([c for c in batch.changes if id(c) not in held_ids], clock, now_ms)
+            held, ready = self._screen(batch.changes, now_ms)
+            merged = self._merge(ready, clock, now_ms)
             self._store_held(held)
             vv = self.version_vector()
             for r in batch.ranges:
@@ -177,6 +176,25 @@ class SqliteStore:
                     self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (r.site, r.hi))
                     vv = vv.with_entry(r.site, r.hi)
         return ApplyResult(cells_won=merged, held=len(held), vv=vv)
+
+    def _screen(self, changes: tuple[Change, ...], now_ms: int) -> tuple[list, list]:
+        """Split changes into (held (reason, change) pairs, changes ready to merge)."""
+        limit = (now_ms + self.max_clock_skew_ms + 1) << 16
+        known: dict[tuple, bool] = {}
+        held, ready = [], []
+        for c in changes:
+            key = (c.table, len(c.pk), c.columns)
+            ok = known.get(key)
+            if ok is None:
+                spec = self.specs.get(c.table)
+                ok = known[key] = spec is not None and len(c.pk) == len(spec.pk) and spec.col_set.issuperset(c.columns)
+            if not ok:
+                held.append(("unknown-table" if c.table not in self.specs else "unknown-column", c))
+            elif c.hlc >= limit:
+                held.append(("skew", c))
+            else:
+                ready.append(c)
+        return held, ready
 
     def _hold_reason(self, c: Change, clock: Hlc, now_ms: int) -> str | None:
         spec = self.specs.get(c.table)
