@@ -33,6 +33,7 @@ while True:
         c = conns.get(db)
         if c is None and op != "close":
             c = conns[db] = sqlite3.connect(db, isolation_level=None, timeout=30)
+            c.execute("PRAGMA synchronous=NORMAL")  # the app's choice; the agent's connection keeps FULL
         res = None
         if op == "tx":
             c.execute("BEGIN IMMEDIATE")
@@ -111,9 +112,17 @@ def ident_rows(rows) -> list[tuple]:
     return [tuple(ident(v) for v in r) for r in rows]
 
 
-def table_rows(app: App, db, table: str, order: str) -> list[tuple]:
-    """The app's view of ``table``, values identified by type and bits."""
-    return ident_rows(app.query(db, f'SELECT * FROM "{table}" ORDER BY {order}'))
+def table_rows(app: App, db, table: str, order: str, *, signed_zero: bool = True) -> list[tuple]:
+    """The app's view of ``table``, values identified by type and bits.
+
+    With ``signed_zero=False`` -0.0 counts as 0.0: SQL cannot tell them apart
+    (-0.0 = 0.0, and quote() and printf() drop the sign), so no trigger can
+    notice an update that only flips the sign of a zero.
+    """
+    rows = app.query(db, f'SELECT * FROM "{table}" ORDER BY {order}')
+    if not signed_zero:
+        rows = [tuple(0.0 if isinstance(v, float) and v == 0 else v for v in r) for r in rows]
+    return ident_rows(rows)
 
 
 def dump(path) -> dict[str, list]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -130,9 +131,9 @@ def mutate_structure(rng: random.Random, frame: bytes) -> bytes:
             if op == 0:
                 del parent[i]
             elif op == 1:
-                parent.insert(i, rng.choice(_ODD_VALUES))
+                parent.insert(i, copy.deepcopy(rng.choice(_ODD_VALUES)))
             else:
-                parent[i] = rng.choice(_ODD_VALUES) if op == 2 else _random_value(rng)
+                parent[i] = copy.deepcopy(rng.choice(_ODD_VALUES)) if op == 2 else _random_value(rng)
             break
     return _frame(msgpack.packb(body))
 

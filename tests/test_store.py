@@ -367,6 +367,19 @@ def test_values_round_trip_exactly(app, make):
     assert table_rows(app, pa, "vals", "id")[0][1] == ident(untyped[-1])
 
 
+def test_an_update_that_only_changes_the_type_is_synced(app, make):
+    """SQL says 1 = 1.0; the capture must still see 1 -> 1.0 or the replicas disagree on the type."""
+    a, pa = make("a", SA, VALUES, ["vals"])
+    b, pb = make("b", SB, VALUES, ["vals"])
+    app.tx(pa, [("INSERT INTO vals(id, v, t) VALUES (?, ?, ?)", (i, v, "x")) for i, v in enumerate([1, 0, 2.0, 7])])
+    exchange(a, b)
+    app.tx(pa, [("UPDATE vals SET v = 1.0 WHERE id = 0", ()), ("UPDATE vals SET v = 0.0 WHERE id = 1", ()),
+                ("UPDATE vals SET v = 2 WHERE id = 2", ()), ("UPDATE vals SET v = '7' WHERE id = 3", ())])
+    exchange(a, b)
+    assert app.query(pb, "SELECT typeof(v) FROM vals ORDER BY id") == [("real",), ("real",), ("integer",), ("text",)]
+    assert table_rows(app, pb, "vals", "id") == table_rows(app, pa, "vals", "id")
+
+
 # -- clocks ---------------------------------------------------------------
 
 
@@ -542,22 +555,36 @@ def _child_batch(seed: int, n: int, now: int) -> Batch:
     return ns["build_batch"](seed, n, now)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_kill_during_apply_leaves_the_store_as_before_or_after_the_batch(app, make, tmp_path, seed):
-    n = 150_000
+@pytest.mark.parametrize("when", ["after-applying-starts", "while-writing"])
+def test_a_kill_during_apply_leaves_the_store_as_before_or_after_the_batch(app, make, tmp_path, when):
+    """SIGKILL a process applying an 80k-row batch; the store must hold all of the batch or none of it.
+
+    The child spends its first ~0.7 s merging in memory before it writes, so
+    besides a random 0-300 ms after "applying" we also kill 0-300 ms after
+    its transaction starts spilling pages into the WAL.
+    """
+    n, seed = 80_000, {"after-applying-starts": 1, "while-writing": 2}[when]
+    rnd = random.Random(seed)
     b, pb = make("b", SB)
     now = now_ms()
     b.apply(Batch(tuple(_row_change(SX, 1, pack(now - 2000), i, name=f"first {i}") for i in range(10)),
                   (Range(SX, 0, 1),)), now)
     b.close()
     app.disconnect(pb)
+    wal = Path(f"{pb}-wal")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     child = subprocess.Popen([sys.executable, str(script), str(pb), str(seed), str(n), str(now)],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "applying"
-        time.sleep(random.Random(seed).uniform(0, 0.3))
+        if when == "while-writing":
+            deadline = time.monotonic() + 30
+            while child.poll() is None and time.monotonic() < deadline:
+                if wal.exists() and wal.stat().st_size > 64 * 1024:
+                    break
+                time.sleep(0.002)
+        time.sleep(rnd.uniform(0, 0.3))
         child.send_signal(signal.SIGKILL)
         child.wait(30)
     finally:
@@ -572,21 +599,28 @@ def test_a_kill_during_apply_leaves_the_store_as_before_or_after_the_batch(app, 
         assert store.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         rows = store.conn.execute("SELECT count(*) FROM items").fetchall()[0][0]
         vv = store.version_vector()
+        meta = store.conn.execute("SELECT count(*) FROM _p2p_meta_items").fetchall()[0][0]
         if rows == 10:
             assert vv == VersionVector({SX: 1}), "rows from before the batch but the vector moved"
-            assert store.conn.execute("SELECT count(*) FROM _p2p_meta_items").fetchall()[0][0] == 10
+            assert meta == 10 and store.held() == []
         else:
             assert rows == 10 + n, f"{rows} rows: the batch was half applied"
-            assert vv == VersionVector({SX: 2})
+            assert vv == VersionVector({SX: 2}) and meta == 10 + n
+        assert store.conn.execute("SELECT applying FROM _p2p_state").fetchall() == [(0,)]
         # a re-sync brings the store to the state after the batch
         batch = _child_batch(seed, n, now)
         store.apply(batch, now)
         assert store.conn.execute("SELECT count(*) FROM items").fetchall()[0][0] == 10 + n
         assert store.version_vector() == VersionVector({SX: 2})
-        i = random.Random(seed).randrange(n)
-        c = batch.changes[i]
+        c = batch.changes[rnd.randrange(n)]
         assert store.conn.execute("SELECT name, qty, data FROM items WHERE id = ?", c.pk).fetchall() == [c.values]
-        assert store.apply(batch, now).cells_won == 0
+    finally:
+        store.close()
+    # the application sees the rows too, and its writes are still captured
+    app.execute(pb, "UPDATE items SET name = 'after the crash' WHERE id = 1000")
+    store = SqliteStore(pb, SB)
+    try:
+        assert store.pending() == 1
     finally:
         store.close()
 

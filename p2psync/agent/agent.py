@@ -38,10 +38,21 @@ from .watcher import DbWatcher
 
 log = logging.getLogger("p2psync.agent")
 
-HANDSHAKE_TIMEOUT = 10.0
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment (tests shorten timeouts); else ``default``."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if 0 < value < 3600 else default
+
+
+HANDSHAKE_TIMEOUT = _env_seconds("P2PSYNC_HANDSHAKE_TIMEOUT", 10.0)
 CONNECT_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
 HELD_RETRY_INTERVAL = 30.0
+COMMIT_VISIBLE_RETRIES = (0, 0.001, 0.005, 0.025, 0.1)
 
 
 def prologue(group_id: bytes) -> bytes:
@@ -222,11 +233,18 @@ class Agent:
                 self.bus.notify()
             while True:
                 await watcher.wait_changed()
-                dv = await self.worker.data_version()
-                if dv != last:
-                    last = dv
-                    if await self.worker.stamp():
-                        self.bus.notify()
+                # The WAL file changes a moment before the commit is published in
+                # the shared-memory index (whose writes inotify cannot see), so a
+                # wake-up may come just before the commit is visible: look again.
+                for delay in COMMIT_VISIBLE_RETRIES:
+                    if delay:
+                        await trio.sleep(delay)
+                    dv = await self.worker.data_version()
+                    if dv != last:
+                        last = dv
+                        if await self.worker.stamp():
+                            self.bus.notify()
+                        break
 
     async def _retry_held(self) -> None:
         while True:

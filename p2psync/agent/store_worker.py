@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from collections.abc import AsyncIterator
 
 import trio
@@ -31,9 +32,9 @@ class StoreWorker:
         async with self._write_lock:
             return await self._run(self.store.stamp, wall_ms())
 
-    async def apply(self, batch: Batch) -> ApplyResult:
+    async def apply(self, batch: Batch, *, validated: bool = False) -> ApplyResult:
         async with self._write_lock:
-            return await self._run(self.store.apply, batch, wall_ms())
+            return await self._run(partial(self.store.apply, batch, wall_ms(), validated=validated))
 
     async def release_held(self, force: bool) -> int:
         async with self._write_lock:

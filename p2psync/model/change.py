@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 from .version_vector import SITE_ID_LEN
 
@@ -31,9 +31,12 @@ class InvalidChange(ValueError):
     """A change or batch is malformed (wrong types, missing fields, absurd sizes)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """Columns of one row set by one origin write, with the clock of that write."""
+class Change(NamedTuple):
+    """Columns of one row set by one origin write, with the clock of that write.
+
+    A NamedTuple rather than a frozen dataclass: immutable all the same, and
+    several times cheaper to create, which matters at 100k changes a batch.
+    """
 
     table: str
     pk: tuple[Value, ...]

@@ -73,10 +73,16 @@ class Connection:
         vv = await ctx.worker.version_vector()
         await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv))
         try:
+            # The first task to fail records why and cancels the others, so the
+            # reason leaves here as itself, not wrapped in an ExceptionGroup
+            # (trio's nurseries are strict) that no handler below would match.
+            self._failure: Exception | None = None
             async with trio.open_nursery() as n:
-                n.start_soon(self._reader, n.cancel_scope)
-                n.start_soon(self._sender)
-                n.start_soon(self._timer)
+                n.start_soon(self._guard, self._reader, n.cancel_scope)
+                n.start_soon(self._guard, self._sender, n.cancel_scope)
+                n.start_soon(self._guard, self._timer, n.cancel_scope)
+            if self._failure is not None:
+                raise self._failure
         except ProtocolError as e:
             await self._send_error(e.code, str(e))
             raise PeerClosed(f"protocol error: {e}") from e
@@ -87,6 +93,14 @@ class Connection:
             await self._send_error("apply-failed", str(e))
             raise PeerClosed(f"could not apply a batch: {e}") from e
 
+    async def _guard(self, task, scope: trio.CancelScope) -> None:
+        try:
+            await task()
+        except Exception as e:
+            if self._failure is None:
+                self._failure = e
+            scope.cancel()
+
     async def _send_error(self, code: str, message: str) -> None:
         with trio.move_on_after(1):
             try:
@@ -94,7 +108,7 @@ class Connection:
             except Exception:  # the connection may already be gone
                 pass
 
-    async def _reader(self, scope: trio.CancelScope) -> None:
+    async def _reader(self) -> None:
         session, ctx = self.session, self.ctx
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -110,7 +124,7 @@ class Connection:
                 if t is BatchEvent:
                     batch = self.peer.received_part(ev.batch, ev.more)
                     if batch is not None:
-                        result = await ctx.worker.apply(batch)
+                        result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
                         ctx.on_applied(self, batch, result)
                     await self._write(Ack(ev.seq))
                 elif t is Ack:

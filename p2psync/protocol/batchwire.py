@@ -30,8 +30,6 @@ the model wants for primary keys, column names and values.
 
 from __future__ import annotations
 
-import dataclasses
-from collections import deque
 from itertools import chain, compress, repeat
 from operator import attrgetter
 
@@ -84,25 +82,15 @@ def batch_from_wire(wire: tuple) -> Batch:
 
 
 def _build_changes(*columns) -> tuple[Change, ...]:
-    """Changes from eight columns of field values, as ``map(Change, *columns)`` would.
-
-    Frozen dataclasses set each field through ``object.__setattr__``, which
-    costs more than decoding; so, when ``Change`` is a plain slotted dataclass
-    with exactly these fields and no ``__post_init__``, objects are made
-    empty and filled one field (one C-level ``map``) at a time.
-    """
-    if not _FAST_BUILD:
-        return tuple(map(Change, *columns))
-    objs = list(map(object.__new__, repeat(Change, len(columns[3]))))
-    for setter, column in zip(_SETTERS, columns):
-        deque(map(setter, objs, column), 0)
-    return tuple(objs)
+    """Changes from eight columns of field values (Change is a NamedTuple: built by tuple.__new__)."""
+    return tuple(map(_new_change, *columns))
 
 
-_FIELD_NAMES = ("table", "pk", "site", "dbv", "hlc", "alive", "columns", "values")
-_FAST_BUILD = (tuple(f.name for f in dataclasses.fields(Change)) == _FIELD_NAMES
-               and not hasattr(Change, "__post_init__") and hasattr(Change, "__slots__"))
-_SETTERS = [Change.__dict__[name].__set__ for name in _FIELD_NAMES] if _FAST_BUILD else []
+def _new_change(*fields) -> Change:
+    return _tuple_new(Change, fields)
+
+
+_tuple_new = tuple.__new__
 
 
 def _to_wire(batch: Batch) -> list:
@@ -114,7 +102,7 @@ def _to_wire(batch: Batch) -> list:
     if ch and not set(map(type, ch)) <= _CHANGE or rs and not set(map(type, rs)) <= _RANGE:
         raise WireError("batch changes must be Change objects and ranges Range objects")
     tables_col, pks, sites_col, dbvs, hlcs, alives, colsets_col, vals = (
-        list(map(attrgetter(name), ch)) for name in _FIELD_NAMES
+        (list(col) for col in zip(*ch)) if ch else ([] for _ in Change._fields)
     )
     sites = list(dict.fromkeys(chain(sites_col, (r.site for r in rs))))
     tables = list(dict.fromkeys(tables_col))

@@ -101,9 +101,9 @@ def create_triggers(t: TableSpec) -> list[str]:
     new_pk = ", ".join(f"NEW.{q(c)}" for c in t.pk)
     old_pk = ", ".join(f"OLD.{q(c)}" for c in t.pk)
     nulls = ", ".join("NULL" for _ in t.pk)
-    bits = [f"((NEW.{q(c)} IS NOT OLD.{q(c)}) << {i})" for i, c in enumerate(t.cols[:MASK_BITS])]
+    bits = [f"(({_differs(c)}) << {i})" for i, c in enumerate(t.cols[:MASK_BITS])]
     if len(t.cols) > MASK_BITS:
-        rest = " OR ".join(f"NEW.{q(c)} IS NOT OLD.{q(c)}" for c in t.cols[MASK_BITS:])
+        rest = " OR ".join(_differs(c) for c in t.cols[MASK_BITS:])
         bits.append(f"(({rest}) << {MASK_BITS})")
     mask = " | ".join(bits) if bits else "0"
     log = t.obj("log")
@@ -116,6 +116,17 @@ def create_triggers(t: TableSpec) -> list[str]:
         f"INSERT INTO {log} VALUES ({OP_DELETE}, 0, {WALL_MS}, {old_pk}, {nulls}); END",
         _gc_trigger(t),
     ]
+
+
+def _differs(col: str) -> str:
+    """SQL true when an update changed ``col``: its value, or only its type (1 -> 1.0).
+
+    SQL equality says 1 = 1.0, so ``IS NOT`` alone would miss an update that
+    turns an integer into the equal real and the replicas would disagree on
+    the type for ever. (SQL cannot tell -0.0 from 0.0 at all: flipping the
+    sign of a zero is not captured.)
+    """
+    return f"NEW.{q(col)} IS NOT OLD.{q(col)} OR typeof(NEW.{q(col)}) <> typeof(OLD.{q(col)})"
 
 
 def _gc_trigger(t: TableSpec) -> str:

@@ -158,12 +158,17 @@ class SqliteStore:
 
     # -- applying ---------------------------------------------------------
 
-    def apply(self, batch: Batch, now_ms: int) -> ApplyResult:
-        """Merge a remote batch in one transaction; re-applying it changes nothing."""
-        try:
-            check_batch(batch)
-        except ValueError as e:
-            raise StoreError(f"rejected batch: {e}") from e
+    def apply(self, batch: Batch, now_ms: int, *, validated: bool = False) -> ApplyResult:
+        """Merge a remote batch in one transaction; re-applying it changes nothing.
+
+        ``validated=True`` skips the shape checks for batches that the wire
+        codec has already checked against the same rules.
+        """
+        if not validated:
+            try:
+                check_batch(batch)
+            except ValueError as e:
+                raise StoreError(f"rejected batch: {e}") from e
         with self._write():
             self._stamp_locked(now_ms)
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
