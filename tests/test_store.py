@@ -443,6 +443,46 @@ def test_changes_for_unknown_tables_and_columns_are_held_then_applied_once_track
     assert app.query(pb, "SELECT name, extra FROM items WHERE id = 1") == [("n", "e")]
 
 
+def test_a_held_change_is_held_once_however_often_it_arrives(app, make):
+    b, pb = make("b", SB)
+    now = now_ms()
+    batch = Batch((_row_change(SX, 1, pack(now + 3_600_000), 5, name="future"),), (Range(SX, 0, 1),))
+    assert b.apply(batch, now).held == 1
+    b.apply(batch, now)
+    b.apply(Batch(batch.changes, ()), now)
+    assert len(b.held()) == 1
+
+
+@pytest.mark.parametrize("reason", ["skew", "unknown-column"])
+def test_a_peer_that_holds_a_change_still_passes_it_on(app, make, reason):
+    """B holds a change yet counts its range as received; C, syncing only with B, must get it too."""
+    b, pb = make("b", SB)
+    c, pc = make("c", SC, ITEMS + "ALTER TABLE items ADD COLUMN extra;")
+    now = now_ms()
+    if reason == "skew":
+        change = _row_change(SX, 1, pack(now + 3_600_000), 5, name="from the future")
+    else:
+        change = _row_change(SX, 1, pack(now), 5, name="needs extra", extra="e")
+    b.apply(Batch((change, _row_change(SX, 1, pack(now), 6, name="applied")), (Range(SX, 0, 1),)), now)
+    assert [h.reason for h in b.held()] == [reason]
+    assert b.version_vector() == VersionVector({SX: 1})
+    transfer(b, c, now)
+    assert c.version_vector() == VersionVector({SX: 1})
+    later = now + 7_200_000 if reason == "skew" else now
+    c.release_held(later)
+    assert app.query(pc, "SELECT id FROM items ORDER BY id") == [(5,), (6,)]
+    # and once B can apply it, B and C agree
+    if reason == "unknown-column":
+        app.script(pb, "ALTER TABLE items ADD COLUMN extra;")
+        b.track("items")
+    assert b.release_held(later) == 1
+    b.stamp(later)
+    c.stamp(later)
+    transfer(b, c, later)
+    transfer(c, b, later)
+    assert items(app, pb) == items(app, pc)
+
+
 # -- bad input ------------------------------------------------------------
 
 BAD_SCHEMA = ITEMS + """

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..config import Config
+from ..discovery import DiscoveryError, MdnsDiscovery, PeerGone
 from ..identity import Device
 from ..net.connection import Connection, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
@@ -52,6 +53,7 @@ HANDSHAKE_TIMEOUT = _env_seconds("P2PSYNC_HANDSHAKE_TIMEOUT", 10.0)
 CONNECT_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
 HELD_RETRY_INTERVAL = 30.0
+MDNS_GIVE_UP = 10
 COMMIT_VISIBLE_RETRIES = (0, 0.001, 0.005, 0.025, 0.1)
 
 
@@ -74,9 +76,12 @@ class Link:
 
 @dataclass
 class DialState:
-    """What a dialer is doing, for status."""
+    """A peer we dial (static or discovered) and what the dialer is doing."""
 
     address: str
+    addresses: set = field(default_factory=set)
+    discovered: bool = False
+    gone: bool = False
     state: str = "starting"
     last_error: str | None = None
     peer_key: bytes | None = None
@@ -193,36 +198,83 @@ class Agent:
             with trio.CancelScope(shield=True):
                 await ns.aclose()
 
-    async def _dial_loop(self, host: str, port: int) -> None:
-        address = f"{host}:{port}"
-        st = self.dialers[address] = DialState(address)
+    async def _dial_loop(self, st: DialState) -> None:
+        """Keep a connection to the peer behind ``st``: try its addresses in turn, back off, retry.
+
+        Addresses are only ever added (a failed handshake at a spoofed address
+        never removes the real one). A dialer for a discovered peer stops once
+        the peer said goodbye or after MDNS_GIVE_UP failed rounds.
+        """
         backoff = 0.2
+        failures = 0
         while True:
             link = self.links.get(st.peer_key) if st.peer_key else None
             if link is not None:
-                st.state = "connected (inbound)" if link.address != address else "connected"
+                st.state = "connected"
+                failures = 0
                 await link.closed.wait()
                 continue
+            if st.discovered and (st.gone or failures >= MDNS_GIVE_UP):
+                st.state = "gone"
+                return
             st.state = "connecting"
             started = trio.current_time()
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(host, port)
+            for host, port in list(st.addresses):
+                address = f"{host}:{port}"
+                try:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        stream = await trio.open_tcp_stream(host, port)
+                except (OSError, trio.TooSlowError) as e:
+                    st.last_error = f"cannot connect to {address}: {e or 'timed out'}"
+                    log.debug("dial %s", st.last_error)
+                    continue
                 ns = await self._secure(stream, True, address)
-                if ns is not None:
-                    st.peer_key, st.state, st.last_error = ns.remote_static, "connected", None
-                    await self._run_link(ns, address, initiator=True)
-                    st.last_error = "connection ended"
-                else:
-                    st.last_error = "handshake failed"
-            except (OSError, trio.TooSlowError) as e:
-                st.last_error = f"cannot connect: {e or 'timed out'}"
-                log.debug("dial %s: %s", address, st.last_error)
+                if ns is None:
+                    st.last_error = f"handshake with {address} failed"
+                    continue
+                st.peer_key, st.last_error = ns.remote_static, None
+                st.state = "connected"
+                await self._run_link(ns, address, initiator=True)
+                st.last_error = "connection ended"
+                failures = 0
+                break
+            else:
+                failures += 1
             if trio.current_time() - started > 10:
                 backoff = 0.2
             st.state = "backoff"
             await trio.sleep(backoff * random.uniform(0.5, 1.5))
             backoff = min(backoff * 2, 30.0)
+
+    async def _discover(self) -> None:
+        host, port = self.listen_address
+        interfaces = list(self.config.interfaces) or (None if host in ("0.0.0.0", "") else [host])
+        disc = MdnsDiscovery(self.site_id, self.device.group, port, interfaces)
+        async with trio.open_nursery() as n:
+            n.start_soon(self._on_discovery, disc, n)
+            try:
+                await disc.run()
+            except DiscoveryError as e:
+                log.warning("%s", e)
+
+    async def _on_discovery(self, disc: MdnsDiscovery, nursery: trio.Nursery) -> None:
+        async for ev in disc:
+            if isinstance(ev, PeerGone):
+                st = self.dialers.get(ev.instance)
+                if st is not None:
+                    st.gone = True
+                continue
+            if not ev.tag_ok:
+                log.debug("mDNS: %s belongs to another group; ignored", ev.instance)
+                continue
+            st = self.dialers.get(ev.instance)
+            if st is not None and st.state != "gone":
+                st.gone = False
+                st.addresses.update(ev.addresses)
+                continue
+            log.info("mDNS: found %s at %s", ev.instance, ", ".join(f"{h}:{p}" for h, p in ev.addresses))
+            st = self.dialers[ev.instance] = DialState(ev.instance, addresses=set(ev.addresses), discovered=True)
+            nursery.start_soon(self._dial_loop, st)
 
     # -- local changes ------------------------------------------------------
 
@@ -290,10 +342,9 @@ class Agent:
                 "batches_sent": c.peer.batches_sent if c.peer else 0,
                 "batches_received": c.peer.batches_received if c.peer else 0,
             })
-        connected = {l.address for l in self.links.values()}
-        for addr, st in self.dialers.items():
-            if addr not in connected and not st.state.startswith("connected"):
-                peers.append({"address": addr, "state": st.state, "last_error": st.last_error})
+        for name, st in self.dialers.items():
+            if st.state not in ("connected", "gone") and st.peer_key not in self.links:
+                peers.append({"address": name, "state": st.state, "last_error": st.last_error})
         return {
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
             "group": self.device.group.group_id.hex(),
@@ -317,7 +368,10 @@ class Agent:
             n.start_soon(self._watch_db)
             n.start_soon(self._retry_held)
             for h, p in self.config.peers:
-                n.start_soon(self._dial_loop, h, p)
+                st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses={(h, p)})
+                n.start_soon(self._dial_loop, st)
+            if self.config.mdns:
+                n.start_soon(self._discover)
             n.start_soon(self._watchdog)
             log.info("agent %s listening on %s:%d, %d static peers", self.device.name,
                      *self.listen_address, len(self.config.peers))
