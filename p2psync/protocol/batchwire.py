@@ -20,9 +20,8 @@ the first offending change, to name it in the error.
 Outgoing batches are screened too; when one fails, ``model.check_batch``
 words the error. Text and bytes lengths are checked separately
 (``check_value_lengths``), and only for frames long enough to hold an
-oversized value. Decoded changes are built field by field with C-level maps
-(``_build_changes``), since a frozen dataclass's ``__init__`` costs more
-than all the rest of decoding.
+oversized value. Decoded changes are built with ``tuple.__new__`` over the
+columns (``Change`` is a NamedTuple), skipping the generated ``__new__``.
 
 Containers on the wire decode as tuples (``use_list=False``), which is what
 the model wants for primary keys, column names and values.
@@ -30,7 +29,7 @@ the model wants for primary keys, column names and values.
 
 from __future__ import annotations
 
-from itertools import chain, compress, repeat
+from itertools import chain, compress
 from operator import attrgetter
 
 from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value

@@ -8,11 +8,17 @@ the row's other cells along (whatever their clock), so a receiver always
 creates whole rows. Batches end on db-version boundaries and carry the range
 they complete; a single db version too large for one batch is sent as parts
 (``more=True``) that the receiver applies together with the final part.
+
+Changes we hold (clock skew, unknown table or column) are in no meta table,
+yet our version vector counts them as received, so a peer relying on that
+vector would never get them from anyone: they travel in their db version's
+batch like the rest, for the peer to apply or hold in turn.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import defaultdict
 from collections.abc import Iterator
 
 import apsw
@@ -34,9 +40,13 @@ def _size(values) -> int:
 class ChangeReader:
     """Reads changes from one snapshot of the database (a read transaction)."""
 
-    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector):
+    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector,
+                 held: list[Change] = ()):
         self.conn, self.specs, self.local_vv = conn, specs, local_vv
         self.sites = SiteMap(conn)
+        self.held: dict[bytes, list[Change]] = defaultdict(list)
+        for c in held:
+            self.held[c.site].append(c)
 
     def _entries(self, spec: TableSpec, s_idx: int, lo: int, hi: int):
         """(dbv, table, pk, regs, base values or None) for idx entries of one site, in dbv order."""
@@ -108,9 +118,11 @@ class ChangeReader:
             if hi <= lo:
                 continue
             s_idx = self.sites.idx_existing(site)
-            if s_idx is None:
+            held = sorted((c for c in self.held.get(site, ()) if lo < c.dbv <= hi), key=lambda c: c.dbv)
+            if s_idx is None and not held:
                 continue
-            streams = [self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()]
+            streams = [self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()] if s_idx is not None else []
+            streams.append((c.dbv, None, c, None, None) for c in held)
             entries = heapq.merge(*streams, key=lambda e: e[0])
             changes: list[Change] = []
             size = 0
@@ -125,7 +137,8 @@ class ChangeReader:
                 elif len(changes) >= max_changes or size >= max_bytes:
                     yield Batch(tuple(changes), ()), True
                     changes, size = [], 0
-                for c in self._changes(site, s_idx, dbv, table, pk, regs, base):
+                # a held change comes as (dbv, None, change, None, None)
+                for c in [pk] if table is None else self._changes(site, s_idx, dbv, table, pk, regs, base):
                     changes.append(c)
                     size += _size(c.values) + _size(c.pk)
             yield Batch(tuple(changes), (Range(site, cut, hi),)), False

@@ -151,7 +151,8 @@ class SqliteStore:
             conn.execute("BEGIN")
             local = VersionVector(dict(conn.execute("SELECT site, dbv FROM _p2p_vv").fetchall()))
             specs = load_specs(conn)
-            yield from ChangeReader(conn, specs, local).batches(vv, max_changes, max_bytes)
+            held = [_unpack_change(b) for (b,) in conn.execute("SELECT change FROM _p2p_held ORDER BY id")]
+            yield from ChangeReader(conn, specs, local, held).batches(vv, max_changes, max_bytes)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -231,9 +232,12 @@ class SqliteStore:
         return won
 
     def _store_held(self, held: list[tuple[str, Change]]) -> None:
+        """Keep changes aside, once each however often they arrive."""
         if held:
-            self.conn.executemany("INSERT INTO _p2p_held(reason, tbl, hlc, change) VALUES (?, ?, ?, ?)",
-                                  [(r, c.table, c.hlc, _pack_change(c)) for r, c in held])
+            self.conn.executemany(
+                "INSERT INTO _p2p_held(reason, tbl, hlc, change) SELECT ?1, ?2, ?3, ?4 "
+                "WHERE NOT EXISTS (SELECT 1 FROM _p2p_held WHERE change = ?4)",
+                [(r, c.table, c.hlc, _pack_change(c)) for r, c in held])
 
     # -- held changes -----------------------------------------------------
 
