@@ -111,6 +111,18 @@ def test_a_table_without_primary_key_is_refused(app, make):
     assert a.pending() == 0
 
 
+@pytest.mark.parametrize("key", ["site", "Value", "col", "dbv", "wall", "e_a", "h0", "old_k"])
+def test_a_key_column_named_like_p2psync_bookkeeping_is_refused_clearly(app, make, key):
+    a, pa = make("a", SA, ITEMS + f'CREATE TABLE kv("{key}" TEXT, k INTEGER, x, PRIMARY KEY("{key}", k));')
+    before = dump(pa)
+    with pytest.raises(NotTrackable, match=f"{key}.*rename"):
+        a.track("kv")
+    assert dump(pa) == before
+    # other tables are unaffected
+    app.execute(pa, "INSERT INTO items(id) VALUES (1)")
+    assert a.stamp(now_ms()) == 1
+
+
 KEYED = """
 CREATE TABLE comp(k TEXT, n INTEGER, v, PRIMARY KEY(k, n));
 CREATE TABLE wr(k TEXT PRIMARY KEY, v INTEGER, w TEXT) WITHOUT ROWID;
@@ -167,6 +179,8 @@ def test_retracking_after_add_column_syncs_the_new_column(app, make):
     b, pb = make("b", SB)
     app.tx(pa, [("INSERT INTO items(id, name) VALUES (?, ?)", (i, f"r{i}")) for i in range(3)])
     exchange(a, b)
+    a.track("items")  # tracking again changes nothing: existing rows are not re-sent
+    assert a.pending() == 0 and a.stamp(now_ms()) is None
     app.script(pa, "ALTER TABLE items ADD COLUMN color TEXT DEFAULT 'none';")
     a.track("items")
     app.tx(pa, [("UPDATE items SET color = 'red' WHERE id = 1", ()),
@@ -301,6 +315,28 @@ def test_a_transaction_reaches_the_peer_whole_whatever_the_batch_size(app, make,
     transfer(a, c, now_ms(), max_changes=max_changes)
     assert items(app, pc) == items(app, pa)
     assert c.version_vector() == a.version_vector()
+
+
+def test_writes_committed_after_the_last_stamp_never_leak_into_a_sync(app, make):
+    """The agent reads for a peer while the app has committed writes it has not stamped yet."""
+    schema = ITEMS + "CREATE TABLE strict_t(id INTEGER PRIMARY KEY, n INTEGER NOT NULL) STRICT;"
+    a, pa = make("a", SA, schema, ("items", "strict_t"))
+    b, pb = make("b", SB, schema, ("items", "strict_t"))
+    app.tx(pa, [("INSERT INTO items(id, name) VALUES (?, 'old')", (i,)) for i in (1, 2)]
+           + [("INSERT INTO strict_t VALUES (1, 10)", ())])
+    a.stamp(now_ms())
+    # one app transaction, committed but not stamped: change row 1, add row 3, delete rows of both tables
+    app.tx(pa, [("UPDATE items SET name = 'new' WHERE id = 1", ()), ("INSERT INTO items(id, name) VALUES (3, 'new')", ()),
+                ("DELETE FROM items WHERE id = 2", ()), ("DELETE FROM strict_t", ())])
+    transfer(a, b, now_ms())  # must not fail on strict_t.n, nor show part of the transaction
+    names = app.query(pb, "SELECT id, name FROM items ORDER BY id")
+    assert names in ([], [(1, "old"), (2, "old")]), names
+    assert app.query(pb, "SELECT * FROM strict_t") in ([], [(1, 10)])
+    a.stamp(now_ms())
+    transfer(a, b, now_ms())
+    assert app.query(pb, "SELECT id, name FROM items ORDER BY id") == [(1, "new"), (3, "new")]
+    assert app.query(pb, "SELECT * FROM strict_t") == []
+    assert b.version_vector() == a.version_vector()
 
 
 # -- idempotence ----------------------------------------------------------

@@ -69,24 +69,31 @@ class SiteMap:
         self.__init__(self._conn)
 
 
-def load_meta(conn: apsw.Connection, spec: TableSpec, keys: list[tuple]) -> dict[tuple, list]:
-    """The meta registers of ``keys`` that exist here."""
+def _select_meta(conn: apsw.Connection, spec: TableSpec, keys: list[tuple], what: str):
+    """Rows ``what`` (an expression over meta alias m) of the meta rows for ``keys`` that exist."""
     npk = len(spec.pk)
     meta = spec.obj("meta")
     if len(keys) <= 32:
-        sql = f"SELECT * FROM {meta} WHERE {spec.pk_where}"
-        out = {}
-        for k in keys:
-            for row in conn.execute(sql, k):
-                out[tuple(row[:npk])] = list(row[npk:])
-        return out
+        sql = f"SELECT {what} FROM {meta} m WHERE {spec.pk_where}"
+        return [row for k in keys for row in conn.execute(sql, k)]
     tmp = f"_p2p_keys{npk}"
     kcols = ", ".join(f"k{i}" for i in range(npk))
     conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp}({kcols})")
     conn.execute(f"DELETE FROM temp.{tmp}")
     conn.executemany(f"INSERT INTO temp.{tmp} VALUES ({', '.join('?' * npk)})", keys)
     on = " AND ".join(f"m.{q(c)} = k.k{i}" for i, c in enumerate(spec.pk))
-    return {tuple(r[:npk]): list(r[npk:]) for r in conn.execute(f"SELECT m.* FROM temp.{tmp} k JOIN {meta} m ON {on}")}
+    return conn.execute(f"SELECT {what} FROM temp.{tmp} k JOIN {meta} m ON {on}").fetchall()
+
+
+def load_meta(conn: apsw.Connection, spec: TableSpec, keys: list[tuple]) -> dict[tuple, list]:
+    """The meta registers of ``keys`` that exist here."""
+    npk = len(spec.pk)
+    return {tuple(r[:npk]): list(r[npk:]) for r in _select_meta(conn, spec, keys, "m.*")}
+
+
+def existing_keys(conn: apsw.Connection, spec: TableSpec, keys: list[tuple]) -> set[tuple]:
+    """Which of ``keys`` already have meta rows."""
+    return {tuple(r) for r in _select_meta(conn, spec, keys, ", ".join(f"m.{q(c)}" for c in spec.pk))}
 
 
 class TableMerge:

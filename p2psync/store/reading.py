@@ -9,6 +9,12 @@ creates whole rows. Batches end on db-version boundaries and carry the range
 they complete; a single db version too large for one batch is sent as parts
 (``more=True``) that the receiver applies together with the final part.
 
+Clocks come from the meta tables, as of the last stamp, and values from the
+application's tables, as of now. A row the application wrote after the last
+stamp (its key is in a change log) no longer has the values those clocks
+belong to; for each site we stop just before the first db version that has
+a cell of such a row, and the rest follows once the next stamp has run.
+
 Changes we hold (clock skew, unknown table or column) are in no meta table,
 yet our version vector counts them as received, so a peer relying on that
 vector would never get them from anyone: they travel in their db version's
@@ -47,6 +53,27 @@ class ChangeReader:
         self.held: dict[bytes, list[Change]] = defaultdict(list)
         for c in held:
             self.held[c.site].append(c)
+        self.unstamped = self._unstamped_versions()
+
+    def _unstamped_versions(self) -> dict[int, list[int]]:
+        """Per site index, the db versions of cells of rows written since the last stamp."""
+        out: dict[int, list[int]] = defaultdict(list)
+        for spec in self.specs.values():
+            log = spec.obj("log")
+            if not self.conn.execute(f"SELECT 1 FROM {log} LIMIT 1").fetchall():
+                continue
+            keys = ", ".join(q(c) for c in spec.pk)
+            old = ", ".join(q("old_" + c) for c in spec.pk)
+            on = " AND ".join(f"m.{q(c)} = d.{q(c)}" for c in spec.pk)
+            sql = (f"SELECT m.* FROM (SELECT {keys} FROM {log} UNION SELECT {old} FROM {log} "
+                   f"WHERE {q('old_' + spec.pk[0])} IS NOT NULL) d JOIN {spec.obj('meta')} m ON {on}")
+            npk = len(spec.pk)
+            for row in self.conn.execute(sql):
+                regs = row[npk:]
+                for j in range(2, len(regs), 3):  # (site, dbv) of the existence register and each column
+                    if regs[j + 1] is not None:
+                        out[regs[j]].append(regs[j + 1])
+        return out
 
     def _entries(self, spec: TableSpec, s_idx: int, lo: int, hi: int):
         """(dbv, table, pk, regs, base values or None) for idx entries of one site, in dbv order."""
@@ -118,6 +145,11 @@ class ChangeReader:
             if hi <= lo:
                 continue
             s_idx = self.sites.idx_existing(site)
+            dirty = [d for d in self.unstamped.get(s_idx, ()) if lo < d <= hi]
+            if dirty:
+                hi = min(dirty) - 1
+                if hi <= lo:
+                    continue
             held = sorted((c for c in self.held.get(site, ()) if lo < c.dbv <= hi), key=lambda c: c.dbv)
             if s_idx is None and not held:
                 continue

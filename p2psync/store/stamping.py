@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import apsw
 
+from .merging import existing_keys
 from .ddl import MASK_BITS, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec
 from ..model.hlc import pack
 
@@ -53,6 +54,11 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
     for r in rows:
         op, mask, wall = r[0], r[1], r[2]
         pk = r[3:3 + npk]
+        if op == OP_INSERT and pk not in state and wall is not None and floor <= (h := wall << 16) and wall <= now_ms:
+            state[pk] = [True, everything, h]  # the common case, inlined
+            if h > top:
+                top = h
+            continue
         if None in pk:
             continue  # SQLite lets non-integer keys be NULL; such rows cannot be identified
         if wall is None or wall > now_ms:
@@ -75,22 +81,27 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
         else:
             note(pk, op, 0, h)
     meta_params, idx_params = [], []
+    none3 = (None, None, None)
     for pk, (exists, cols, h) in state.items():
-        row = list(pk)
-        if exists is None:
-            row += [None, None, None, None]
+        cell = (h, site_idx, dbv)
+        head = (None, None, None, None) if exists is None else ((1 if exists else 0),) + cell
+        if cols == everything:
+            tail = cell * ncols
         else:
-            row += [1 if exists else 0, h, site_idx, dbv]
-        for i in range(ncols):
-            row += [h, site_idx, dbv] if cols >> i & 1 else [None, None, None]
-        meta_params.append(row)
+            tail = tuple(x for i in range(ncols) for x in (cell if cols >> i & 1 else none3))
+        meta_params.append(pk + head + tail)
         idx_params.append((site_idx, dbv) + pk)
     regs = ["e_a", "e_h", "e_s", "e_v"] + spec.meta_columns()
     pks = spec.pk_list
-    conn.executemany(
-        f"INSERT INTO {spec.obj('meta')}({pks}, {', '.join(regs)}) VALUES ({', '.join('?' * (npk + len(regs)))}) "
-        f"ON CONFLICT({pks}) DO UPDATE SET " + ", ".join(f"{c} = coalesce(excluded.{c}, {c})" for c in regs),
-        meta_params)
+    insert = f"INSERT INTO {spec.obj('meta')}({pks}, {', '.join(regs)}) VALUES ({', '.join('?' * (npk + len(regs)))})"
+    known = existing_keys(conn, spec, list(state))
+    if known:
+        conn.executemany(
+            insert + f" ON CONFLICT({pks}) DO UPDATE SET "
+            + ", ".join(f"{c} = coalesce(excluded.{c}, {c})" for c in regs),
+            [r for r, pk in zip(meta_params, state) if pk in known])
+        meta_params = [r for r, pk in zip(meta_params, state) if pk not in known]
+    conn.executemany(insert, meta_params)  # keys with no metadata yet: a plain insert is cheaper
     conn.executemany(f"INSERT OR IGNORE INTO {spec.obj('idx')} VALUES ({', '.join('?' * (2 + npk))})", idx_params)
     if conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall():
         conn.executemany(f"DELETE FROM {spec.obj('orphan')} WHERE {spec.pk_where}", list(state))

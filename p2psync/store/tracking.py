@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import apsw
 
@@ -10,6 +11,16 @@ from .ddl import OP_INSERT, WALL_MS, TableSpec, add_columns, create_tables, crea
 from .errors import NotTrackable
 
 RESERVED_PREFIX = "_p2p_"
+# Columns of our log, meta, idx and orphan tables, which also hold the key columns.
+_OUR_COLUMNS = {"op", "mask", "wall", "site", "dbv", "col", "value", "e_a", "e_h", "e_s", "e_v"}
+_META_COLUMN = re.compile(r"[hsv][0-9]+")
+
+
+def _key_clashes(pk: list[str]) -> list[str]:
+    """Key columns whose names (SQLite ignores case) our bookkeeping tables already use."""
+    low = [c.lower() for c in pk]
+    return [c for c, lc in zip(pk, low)
+            if lc in _OUR_COLUMNS or _META_COLUMN.fullmatch(lc) or (lc.startswith("old_") and lc[4:] in low)]
 
 
 def inspect_table(conn: apsw.Connection, name: str) -> TableSpec:
@@ -31,6 +42,11 @@ def inspect_table(conn: apsw.Connection, name: str) -> TableSpec:
         raise NotTrackable(
             f"table {name!r} has no primary key; p2psync identifies rows across devices by their "
             f"primary key: add one (e.g. an id TEXT PRIMARY KEY holding a random UUID)")
+    if clash := _key_clashes(pk):
+        raise NotTrackable(
+            f"table {name!r}: primary key column(s) {clash} have names p2psync uses for its own "
+            f"bookkeeping columns ({', '.join(sorted(_OUR_COLUMNS))}, h0/s0/v0..., old_<key column>); "
+            f"rename them to track this table")
     cols = [r[1] for r in info if r[5] == 0 and r[6] not in (2, 3)]
     del generated  # generated columns are computed on every device, never synced
     return TableSpec(name, tuple(pk), tuple(cols))
