@@ -55,7 +55,7 @@ CONNECT_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
 HELD_RETRY_INTERVAL = 30.0
 MDNS_GIVE_UP = 10
-COMMIT_VISIBLE_RETRIES = (0, 0.001, 0.005, 0.025, 0.1)
+COMMIT_VISIBLE_RETRIES = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
 
 
 def prologue(group_id: bytes) -> bytes:
@@ -290,16 +290,22 @@ class Agent:
                 await watcher.wait_changed()
                 # The WAL file changes a moment before the commit is published in
                 # the shared-memory index (whose writes inotify cannot see), so a
-                # wake-up may come just before the commit is visible: look again.
-                for delay in COMMIT_VISIBLE_RETRIES:
-                    if delay:
-                        await trio.sleep(delay)
+                # wake-up may come just before the commit is visible: look again
+                # after growing pauses, starting over whenever the files change.
+                step = 0
+                while True:
                     dv = await self.worker.data_version()
                     if dv != last:
                         last = dv
-                        if await self.worker.stamp():
+                        if (n := await self.worker.stamp()) is not None:
+                            log.debug("stamped local writes as db version %d", n)
                             self.bus.notify()
                         break
+                    if step == len(COMMIT_VISIBLE_RETRIES):
+                        break
+                    with trio.move_on_after(COMMIT_VISIBLE_RETRIES[step]) as pause:
+                        await watcher.wait_changed()
+                    step = step + 1 if pause.cancelled_caught else 0
 
     async def _retry_held(self) -> None:
         while True:

@@ -126,6 +126,7 @@ class Connection:
                     if batch is not None:
                         result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
                         ctx.on_applied(self, batch, result)
+                        log.debug("applied %d changes from %s", len(batch.changes), self.label)
                     await self._write(Ack(ev.seq))
                 elif t is Ack:
                     self._window.set()
@@ -156,6 +157,7 @@ class Connection:
                     self._window = trio.Event()
                     await self._window.wait()
                 await self._write(BatchEvent(self.session.next_seq, batch, more))
+                log.debug("sent %d changes to %s", len(batch.changes), self.label)
                 self.peer.sent(batch)
             await bus.wait_beyond(seen)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from .stamping import stamp_table
 from .tracking import inspect_table, install, load_specs
 
 DEFAULT_MAX_SKEW_MS = 60_000
+MAX_IDLE_READERS = 4
 
 
 def _schema_sql() -> str:
@@ -53,6 +55,9 @@ class SqliteStore:
     def __init__(self, path: str | Path, site_id: bytes, *, max_clock_skew_ms: int = DEFAULT_MAX_SKEW_MS):
         self.path = Path(path)
         self.site_id = site_id
+        self._readers: list[apsw.Connection] = []   # idle read connections, reused by changes_since
+        self._reader_lock = threading.Lock()
+        self._closed = False
         self.max_clock_skew_ms = max_clock_skew_ms
         self.conn = open_db(self.path)
         with self._write():
@@ -85,6 +90,11 @@ class SqliteStore:
         self.conn.execute("COMMIT")
 
     def close(self) -> None:
+        with self._reader_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for r in readers:
+            r.close()
         self.conn.close()
 
     def data_version(self) -> int:
