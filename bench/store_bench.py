@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2psync.model import VersionVector
+from p2psync.model import Batch
 from p2psync.store import SqliteStore
 
 from .common import line, median
@@ -42,9 +42,18 @@ def _timed(c, sql, rows=None) -> float:
     return time.perf_counter() - t0
 
 
+def _whole(parts) -> Batch:
+    """All parts of a changes_since stream as one batch (ranges of the last part)."""
+    changes, ranges = [], ()
+    for batch, _more in parts:
+        changes.extend(batch.changes)
+        ranges = batch.ranges or ranges
+    return Batch(tuple(changes), ranges)
+
+
 def run(reps: int = 5) -> None:
     rows = [(i, f"item {i}", i % 1000, i * 0.25) for i in range(N)]
-    ins_plain, ins_tracked, upd_plain, upd_tracked, stamp, apply, upsert, read = ([] for _ in range(8))
+    ins_plain, ins_tracked, upd_plain, upd_tracked, stamp, apply, upsert, read, apply_upd = ([] for _ in range(9))
     with tempfile.TemporaryDirectory() as d:
         for r in range(reps):
             d_ = Path(d) / str(r)
@@ -56,20 +65,24 @@ def run(reps: int = 5) -> None:
             t0 = time.perf_counter()
             st.stamp(int(time.time() * 1000))
             stamp.append(time.perf_counter() - t0)
-            upd_plain.append(_timed(cp, "UPDATE t SET qty = qty + 1"))
-            upd_tracked.append(_timed(ct, "UPDATE t SET qty = qty + 1"))
-            st.stamp(int(time.time() * 1000))
-            # apply: the 100k rows as a remote batch into a fresh tracked replica
-            t0 = time.perf_counter()
-            parts = list(st.changes_since(VersionVector(), max_changes=10**9, max_bytes=1 << 40))
-            read.append(time.perf_counter() - t0)
-            batch = parts[0][0]
+            # apply: the 100k new rows as a remote batch into a fresh tracked replica
             _, sr = _app_db(d_ / "replica.db", True)
+            t0 = time.perf_counter()
+            batch = _whole(st.changes_since(sr.version_vector(), max_changes=10**9, max_bytes=1 << 40))
+            read.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             sr.apply(batch, int(time.time() * 1000))
             apply.append(time.perf_counter() - t0)
             cu, _ = _app_db(d_ / "upsert.db", False)
             upsert.append(_timed(cu, UPSERT, rows))
+            # updates: one column of every row, captured, stamped and applied on the replica
+            upd_plain.append(_timed(cp, "UPDATE t SET qty = qty + 1"))
+            upd_tracked.append(_timed(ct, "UPDATE t SET qty = qty + 1"))
+            st.stamp(int(time.time() * 1000))
+            batch = _whole(st.changes_since(sr.version_vector(), max_changes=10**9, max_bytes=1 << 40))
+            t0 = time.perf_counter()
+            sr.apply(batch, int(time.time() * 1000))
+            apply_upd.append(time.perf_counter() - t0)
             for x in (st, sr):
                 x.close()
             for x in (cp, ct, cu):
@@ -86,5 +99,7 @@ def run(reps: int = 5) -> None:
     line("read 100k rows as changes (changes_since)", f"{N / median(read):,.0f} rows/s")
     u, a = median(upsert), median(apply)
     line("raw executemany upsert, 100k rows", f"{N / u:,.0f} rows/s", "baseline")
-    line("apply 100k remote row changes", f"{N / a:,.0f} rows/s", f"{u / a * 100:.0f}% of raw upsert",
+    line("apply 100k remote row changes (new rows)", f"{N / a:,.0f} rows/s", f"{u / a * 100:.0f}% of raw upsert",
          "target >= 35%")
+    line("apply 100k remote 1-column updates", f"{N / median(apply_upd):,.0f} rows/s",
+         f"{u / median(apply_upd) * 100:.0f}% of raw upsert")

@@ -155,6 +155,20 @@ def test_composite_without_rowid_and_text_keys_sync_both_ways(app, make):
     assert count(app, pa, "rev") == 2 and count(app, pa, "comp") == 7
 
 
+def test_a_row_with_a_null_key_is_not_synced_and_blocks_nothing(app, make):
+    """SQLite lets a TEXT PRIMARY KEY be NULL; such a row cannot be identified across devices."""
+    a, pa = make("a", SA, KEYED, KEYED_TABLES)
+    b, pb = make("b", SB, KEYED, KEYED_TABLES)
+    app.tx(pa, [("INSERT INTO tk VALUES (NULL, 'no key')", ()), ("INSERT INTO tk VALUES ('k', 'keyed')", ()),
+                ("INSERT INTO comp VALUES (NULL, 1, 'no key')", ())])
+    exchange(a, b)
+    app.execute(pa, "UPDATE tk SET v = 'still syncing' WHERE k = 'k'")
+    exchange(a, b)
+    assert app.query(pb, "SELECT * FROM tk") == [("k", "still syncing")]
+    assert app.query(pb, "SELECT count(*) FROM comp") == [(0,)]
+    assert a.pending() == 0
+
+
 def test_writes_by_the_sqlite3_shell_are_captured(app, make):
     shell = shutil.which("sqlite3")
     require(shell is not None, "the sqlite3 command-line shell is not installed")

@@ -54,7 +54,8 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
     for r in rows:
         op, mask, wall = r[0], r[1], r[2]
         pk = r[3:3 + npk]
-        if op == OP_INSERT and pk not in state and wall is not None and floor <= (h := wall << 16) and wall <= now_ms:
+        if (op == OP_INSERT and pk not in state and None not in pk and wall is not None
+                and floor <= (h := wall << 16) and wall <= now_ms):
             state[pk] = [True, everything, h]  # the common case, inlined
             if h > top:
                 top = h
