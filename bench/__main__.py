@@ -1,20 +1,33 @@
-"""Run the benchmarks: python -m bench [store|sync|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|slow|all]."""
 
+import subprocess
 import sys
+from pathlib import Path
 
-from . import store_bench
+from . import store_bench, sync_bench
 
-SUITES = {"store": store_bench.run}
+
+def slow_tests() -> None:
+    """The long fuzz and soak tests (pytest -m slow): not benchmarks, but too long for scripts/test."""
+    print("slow tests (pytest -m slow)", flush=True)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow"], cwd=root)
+    if r.returncode:
+        raise SystemExit(r.returncode)
+
+
+SUITES = {"store": store_bench.run, "sync": sync_bench.run}
+try:
+    from . import lan_bench
+    SUITES["lan"] = lan_bench.run
+except ImportError:
+    pass
+SUITES["slow"] = slow_tests
 
 
 def main(argv: list[str]) -> int:
     which = argv[0] if argv else "all"
-    try:
-        from . import sync_bench
-        SUITES["sync"] = sync_bench.run
-    except ImportError:
-        pass
-    names = list(SUITES) if which == "all" else [which]
+    names = [n for n in SUITES if n != "slow"] if which == "all" else [which]
     for name in names:
         if name not in SUITES:
             print(f"unknown suite {name!r}; known: {', '.join(SUITES)}, all", file=sys.stderr)

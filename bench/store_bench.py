@@ -19,6 +19,9 @@ UPSERT = ("INSERT INTO t VALUES (?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
           "name=excluded.name, qty=excluded.qty, price=excluded.price")
 
 
+# The "application" here uses stdlib sqlite3 and the store apsw, in one process. Two SQLite
+# libraries in one process do not share file locks, so they are only ever used one after
+# the other here and the store is closed last (real agents run as their own process).
 def _app_db(path: Path, tracked: bool):
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")

@@ -123,6 +123,7 @@ def reconnect(base: Path, rows_n: int = 1_000_000) -> None:
     app.executemany("INSERT INTO t VALUES (?,?,?,?)", ((i, f"item {i}", i % 1000, i * 0.25)
                                                        for i in range(1, rows_n + 1)))
     app.execute("COMMIT")
+    app.close()  # two SQLite libraries in one process must not have the file open at once
     # Bring B up to date in-process (setup, not measured).
     sa = SqliteStore(a.db, _site(a))
     sa.stamp(int(time.time() * 1000))
@@ -136,6 +137,7 @@ def reconnect(base: Path, rows_n: int = 1_000_000) -> None:
             parts = []
     sa.close()
     sb.close()
+    app = sqlite3.connect(a.db, isolation_level=None)
     for i in range(10):
         app.execute("UPDATE t SET qty = qty + 1 WHERE id = ?", (i * 1000 + 1,))
     a.start()

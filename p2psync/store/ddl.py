@@ -4,8 +4,13 @@ For an application table ``t`` with primary key columns P and other columns
 C[0..n):
 
 - ``_p2p_log_t(op, mask, wall, P...)``: what the triggers append, one row per
-  written row: op 1 insert, 2 update (mask = changed columns), 3 delete, and
+  written row: op 1 insert, 2 update (mask = changed columns, as text
+  'm0,m1,...' for tables of more than 62 columns), 3 delete, and
   the write's wall time in ms. Appending one narrow row is all a write pays.
+  On tables with UNIQUE indexes besides the key, op 4 ("check") names rows
+  that a REPLACE may be about to delete: SQLite fires no delete trigger for
+  them (unless recursive_triggers is on), so stamping looks whether they are
+  still there.
 - ``_p2p_meta_t(P..., e_a, e_h, e_s, e_v, h0, s0, v0, ...)``: one row per
   known row: for the existence register (e_) and each column i, the HLC, the
   origin site (an index into _p2p_sites) and the origin db version of the
@@ -23,8 +28,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 WALL_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
-MASK_BITS = 62  # bit 62 stands for "some column >= 62 changed"
-OP_INSERT, OP_UPDATE, OP_DELETE = 1, 2, 3
+MASK_BITS = 62  # columns per integer of an update's mask (older triggers: bit 62 = "some column >= 62")
+OP_INSERT, OP_UPDATE, OP_DELETE, OP_CHECK = 1, 2, 3, 4
 
 
 def q(name: str) -> str:
@@ -39,6 +44,9 @@ class TableSpec:
     name: str
     pk: tuple[str, ...]
     cols: tuple[str, ...]
+    # UNIQUE indexes other than the key, each as ((column, collation), ...); known
+    # when the table is inspected for ``track`` (the triggers need them), not stored.
+    unique: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def obj(self, kind: str) -> str:
         """The quoted name of one of our objects for this table."""
@@ -88,7 +96,7 @@ def add_columns(t: TableSpec, old_count: int) -> list[str]:
 
 
 def drop_triggers(t: TableSpec) -> list[str]:
-    return [f"DROP TRIGGER IF EXISTS {t.obj(k)}" for k in ("ins", "upd", "del", "gc")]
+    return [f"DROP TRIGGER IF EXISTS {t.obj(k)}" for k in ("ins", "upd", "del", "gc", "uins", "uupd")]
 
 
 def create_triggers(t: TableSpec) -> list[str]:
@@ -101,11 +109,7 @@ def create_triggers(t: TableSpec) -> list[str]:
     new_pk = ", ".join(f"NEW.{q(c)}" for c in t.pk)
     old_pk = ", ".join(f"OLD.{q(c)}" for c in t.pk)
     nulls = ", ".join("NULL" for _ in t.pk)
-    bits = [f"(({_differs(c)}) << {i})" for i, c in enumerate(t.cols[:MASK_BITS])]
-    if len(t.cols) > MASK_BITS:
-        rest = " OR ".join(_differs(c) for c in t.cols[MASK_BITS:])
-        bits.append(f"(({rest}) << {MASK_BITS})")
-    mask = " | ".join(bits) if bits else "0"
+    mask = _mask(t.cols)
     log = t.obj("log")
     return [
         f"CREATE TRIGGER {t.obj('ins')} AFTER INSERT ON {q(t.name)} {when} BEGIN "
@@ -115,7 +119,47 @@ def create_triggers(t: TableSpec) -> list[str]:
         f"CREATE TRIGGER {t.obj('del')} AFTER DELETE ON {q(t.name)} {when} BEGIN "
         f"INSERT INTO {log} VALUES ({OP_DELETE}, 0, {WALL_MS}, {old_pk}, {nulls}); END",
         _gc_trigger(t),
+    ] + _replace_triggers(t, when)
+
+
+def _replace_triggers(t: TableSpec, when: str) -> list[str]:
+    """Log the rows a write may delete through REPLACE on a UNIQUE index (op 4, checked at stamping).
+
+    ``INSERT OR REPLACE`` or ``UPDATE OR REPLACE`` (or a constraint declared
+    ``ON CONFLICT REPLACE``) deletes the rows that clash on a UNIQUE index,
+    and SQLite fires no DELETE trigger for them unless recursive_triggers is
+    on: without this, the delete is never synced and peers then fail on the
+    same UNIQUE index for ever. The rows logged are a superset (an OR IGNORE
+    or an upsert deletes nothing); stamping keeps only those that are gone.
+    """
+    if not t.unique:
+        return []
+    log = t.obj("log")
+    nulls = ", ".join("NULL" for _ in t.pk)
+    clashes = " OR ".join(
+        "(" + " AND ".join(f"{q(c)} = NEW.{q(c)} COLLATE {q(coll)}" for c, coll in idx) + ")" for idx in t.unique)
+
+    def select(*who: str) -> str:
+        others = " AND ".join("(" + " OR ".join(f"{q(c)} IS NOT {w}.{q(c)}" for c in t.pk) + ")" for w in who)
+        return (f"INSERT INTO {log} SELECT {OP_CHECK}, 0, {WALL_MS}, {t.pk_list}, {nulls} FROM {q(t.name)} "
+                f"WHERE ({clashes}) AND {others};")
+
+    ucols = sorted({c for idx in t.unique for c, _ in idx})
+    return [
+        f"CREATE TRIGGER {t.obj('uins')} BEFORE INSERT ON {q(t.name)} {when} BEGIN {select('NEW')} END",
+        f"CREATE TRIGGER {t.obj('uupd')} BEFORE UPDATE OF {', '.join(q(c) for c in ucols)} ON {q(t.name)} "
+        f"{when} BEGIN {select('NEW', 'OLD')} END",
     ]
+
+
+def _mask(cols: tuple[str, ...]) -> str:
+    """SQL for the changed-columns mask of an update: an integer, or for more than
+    MASK_BITS columns the text 'm0,m1,...' of one integer per MASK_BITS columns."""
+    chunks = [" | ".join(f"(({_differs(c)}) << {i})" for i, c in enumerate(cols[k:k + MASK_BITS]))
+              for k in range(0, len(cols), MASK_BITS)]
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else "0"
+    return f"printf('{','.join(['%d'] * len(chunks))}', {', '.join(chunks)})"
 
 
 def _differs(col: str) -> str:

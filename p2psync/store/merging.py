@@ -128,7 +128,11 @@ class TableMerge:
             groups[c.pk].append(c)
         local = load_meta(self.conn, spec, list(groups))
         nregs = 4 + 3 * ncols
-        inserts, deletes, meta_rows, idx_rows = [], [], [], set()
+        deletes, meta_rows, idx_rows = [], [], set()
+        # rows to create, by the columns they set; a column nobody ever wrote (added by
+        # ALTER TABLE after the row was created) takes its default, as on the origin
+        inserts: dict[tuple[int, ...], list] = defaultdict(list)
+        all_cols = tuple(range(ncols))
         updates: dict[tuple[int, ...], list] = defaultdict(list)
         orphan_set, orphan_del = [], []
         won = 0
@@ -162,10 +166,7 @@ class TableMerge:
                 idx_rows.add((s_idx, dbv) + pk)
                 meta_rows.append(pk + tuple(regs))
                 if ch.alive:
-                    row = [None] * ncols
-                    for i, v in zip(slots, ch.values):
-                        row[i] = v
-                    inserts.append(pk + tuple(row))
+                    inserts[slots].append(pk + tuple(ch.values))
                 elif ch.alive is None:
                     for i, v in zip(slots, ch.values):
                         orphan_set.append(pk + (spec.cols[i], v))
@@ -228,6 +229,7 @@ class TableMerge:
             now_alive = regs[0] == 1
             if now_alive and not was_alive:
                 row = list(pk)
+                present = []
                 for i in range(ncols):
                     if i in vals:
                         row.append(vals[i])
@@ -235,8 +237,9 @@ class TableMerge:
                         lv = self._local_value(pk, i, False)
                         row.append(None if lv is _UNKNOWN else lv)
                     else:
-                        row.append(None)
-                inserts.append(row)
+                        continue
+                    present.append(i)
+                inserts[all_cols if len(present) == ncols else tuple(present)].append(row)
                 if has_orphans:
                     orphan_del.append(pk)
             elif now_alive:
@@ -265,13 +268,13 @@ class TableMerge:
         try:
             if deletes:
                 conn.executemany(f"DELETE FROM {t} WHERE {spec.pk_where}", deletes)
-            if inserts:
-                cols = [q(c) for c in spec.cols]
+            for slots, rows in inserts.items():
+                cols = [q(spec.cols[i]) for i in slots]
                 upd = ", ".join(f"{c} = excluded.{c}" for c in cols)
                 conflict = f"DO UPDATE SET {upd}" if cols else "DO NOTHING"
                 conn.executemany(
                     f"INSERT INTO {t}({', '.join([pks] + cols)}) VALUES ({', '.join('?' * (npk + len(cols)))}) "
-                    f"ON CONFLICT({pks}) {conflict}", inserts)
+                    f"ON CONFLICT({pks}) {conflict}", rows)
             for cols, rows in updates.items():
                 sets = ", ".join(f"{q(spec.cols[i])} = ?" for i in cols)
                 conn.executemany(f"UPDATE {t} SET {sets} WHERE {spec.pk_where}", rows)

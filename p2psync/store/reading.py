@@ -151,8 +151,8 @@ class ChangeReader:
                 if hi <= lo:
                     continue
             held = sorted((c for c in self.held.get(site, ()) if lo < c.dbv <= hi), key=lambda c: c.dbv)
-            if s_idx is None and not held:
-                continue
+            # A site we never stored a cell of (everything it wrote was superseded before it
+            # reached us) still gets its range: an empty batch completing it.
             streams = [self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()] if s_idx is not None else []
             streams.append((c.dbv, None, c, None, None) for c in held)
             entries = heapq.merge(*streams, key=lambda e: e[0])

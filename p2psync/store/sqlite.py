@@ -181,6 +181,7 @@ class SqliteStore:
             except ValueError as e:
                 raise StoreError(f"rejected batch: {e}") from e
         with self._write():
+            self._catch_up_own(batch)
             self._stamp_locked(now_ms)
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
             held, ready = self._screen(batch.changes, now_ms)
@@ -192,6 +193,20 @@ class SqliteStore:
                     self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (r.site, r.hi))
                     vv = vv.with_entry(r.site, r.hi)
         return ApplyResult(cells_won=merged, held=len(held), vv=vv)
+
+    def _catch_up_own(self, batch: Batch) -> None:
+        """Take our own db versions that a peer knows and we do not (a restored backup).
+
+        Without this the next stamps would reuse those numbers, and peers,
+        whose vectors already cover them, would never ask for those writes.
+        The batch brings the writes back; from now on we number after them.
+        """
+        dbv = self._state()[0]
+        for r in batch.ranges:
+            if r.site == self.site_id and r.lo <= dbv < r.hi:
+                dbv = r.hi
+                self.conn.execute("UPDATE _p2p_state SET dbv = ?", (dbv,))
+                self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (self.site_id, dbv))
 
     def _screen(self, changes: tuple[Change, ...], now_ms: int) -> tuple[list, list]:
         """Split changes into (held (reason, change) pairs, changes ready to merge)."""

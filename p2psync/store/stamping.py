@@ -13,12 +13,18 @@ from __future__ import annotations
 import apsw
 
 from .merging import existing_keys
-from .ddl import MASK_BITS, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec
+from .ddl import MASK_BITS, OP_CHECK, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec, q
 from ..model.hlc import pack
 
 
-def _columns_of(mask: int, ncols: int) -> int:
-    """Expand a trigger mask (bit 62 = 'some later column') to a full column bitmask."""
+def _columns_of(mask: int | str, ncols: int) -> int:
+    """Expand a trigger mask to a full column bitmask.
+
+    Wide tables log 'm0,m1,...' (MASK_BITS columns each); triggers installed
+    before that logged one integer whose bit 62 meant 'some later column'.
+    """
+    if type(mask) is str:
+        return sum(int(m) << (k * MASK_BITS) for k, m in enumerate(mask.split(",")))
     if mask < 0:
         return (1 << ncols) - 1
     if ncols > MASK_BITS and mask >> MASK_BITS & 1:
@@ -51,6 +57,8 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
         if h > st[2]:
             st[2] = h
 
+    checks: dict[tuple, int] = {}  # rows a REPLACE may have deleted -> hlc of that write
+
     for r in rows:
         op, mask, wall = r[0], r[1], r[2]
         pk = r[3:3 + npk]
@@ -60,7 +68,7 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
             if h > top:
                 top = h
             continue
-        if None in pk:
+        if None in pk and op != OP_UPDATE:
             continue  # SQLite lets non-integer keys be NULL; such rows cannot be identified
         if wall is None or wall > now_ms:
             wall = now_ms
@@ -69,18 +77,30 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
             h = floor
         if h > top:
             top = h
+        if op == OP_CHECK:
+            checks[pk] = h
+            continue
         if op == OP_UPDATE:
             old = r[3 + npk:]
             if old != pk:  # the key changed: the old row is gone, a new one exists
                 if None not in old:
                     note(old, OP_DELETE, 0, h)
-                note(pk, OP_INSERT, 0, h)
+                if None not in pk:  # (a row moved to a NULL key leaves sync: gone for peers)
+                    note(pk, OP_INSERT, 0, h)
                 continue
-            if not mask:
+            if None in pk:
                 continue
-            note(pk, op, _columns_of(mask, ncols), h)
+            cols = _columns_of(mask, ncols)
+            if not cols:
+                continue
+            note(pk, op, cols, h)
         else:
             note(pk, op, 0, h)
+    if checks:
+        there = f"SELECT 1 FROM {q(spec.name)} WHERE {spec.pk_where}"
+        for pk, h in checks.items():
+            if not conn.execute(there, pk).fetchall():  # deleted by a REPLACE (or by a logged delete)
+                note(pk, OP_DELETE, 0, h)
     meta_params, idx_params = [], []
     none3 = (None, None, None)
     for pk, (exists, cols, h) in state.items():

@@ -49,7 +49,25 @@ def inspect_table(conn: apsw.Connection, name: str) -> TableSpec:
             f"rename them to track this table")
     cols = [r[1] for r in info if r[5] == 0 and r[6] not in (2, 3)]
     del generated  # generated columns are computed on every device, never synced
-    return TableSpec(name, tuple(pk), tuple(cols))
+    return TableSpec(name, tuple(pk), tuple(cols), _unique_indexes(conn, name))
+
+
+def _unique_indexes(conn: apsw.Connection, name: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The UNIQUE indexes of ``name`` other than its key, as ((column, collation), ...).
+
+    Indexes on expressions or on the rowid are left out: rows clashing on
+    them cannot be named from a trigger, so a REPLACE through such an index
+    is still not captured.
+    """
+    out = []
+    for _seq, idx, unique, origin, *_ in conn.execute(f"PRAGMA index_list({q(name)})").fetchall():
+        if not unique or origin == "pk":
+            continue
+        # seqno, cid, name, desc, coll, key
+        keys = [r for r in conn.execute(f"PRAGMA index_xinfo({q(idx)})").fetchall() if r[5]]
+        if keys and all(r[1] >= 0 and r[2] is not None for r in keys):
+            out.append(tuple((r[2], r[4] or "BINARY") for r in keys))
+    return tuple(sorted(out))
 
 
 def load_specs(conn: apsw.Connection) -> dict[str, TableSpec]:
@@ -75,7 +93,8 @@ def install(conn: apsw.Connection, spec: TableSpec, old: TableSpec | None) -> Ta
         if missing:
             raise NotTrackable(f"table {spec.name!r}: tracked columns {missing} were dropped; "
                                f"dropping synced columns is not supported")
-        spec = TableSpec(spec.name, spec.pk, old.cols + tuple(c for c in spec.cols if c not in old.cols))
+        spec = TableSpec(spec.name, spec.pk, old.cols + tuple(c for c in spec.cols if c not in old.cols),
+                         spec.unique)
     for stmt in drop_triggers(spec) + create_tables(spec):
         conn.execute(stmt)
     if old is not None:
