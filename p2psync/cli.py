@@ -110,6 +110,10 @@ def cmd_track(args) -> int:
         for t in args.tables:
             spec = store.track(t)
             print(f"tracking {t}: key ({', '.join(spec.pk)}), {len(spec.cols)} other columns")
+            if spec.unique:
+                print(f"warning: {t} has UNIQUE constraints besides its primary key; if two devices "
+                      f"insert the same unique value under different keys, sync between them stops "
+                      f"with a constraint error until one of the rows is changed", file=sys.stderr)
         store.release_held(int(time.time() * 1000))
     finally:
         store.close()
