@@ -54,7 +54,7 @@ HANDSHAKE_TIMEOUT = _env_seconds("P2PSYNC_HANDSHAKE_TIMEOUT", 10.0)
 CONNECT_TIMEOUT = 5.0
 MAX_PENDING_HANDSHAKES = 64
 HELD_RETRY_INTERVAL = 30.0
-MDNS_GIVE_UP = 10
+MDNS_GIVE_UP = 3600.0  # seconds of failed dialling before forgetting a discovered peer
 COMMIT_VISIBLE_RETRIES = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
 
 
@@ -205,20 +205,29 @@ class Agent:
         """Keep a connection to the peer behind ``st``: try its addresses in turn, back off, retry.
 
         Addresses are only ever added (a failed handshake at a spoofed address
-        never removes the real one). A dialer for a discovered peer stops once
-        the peer said goodbye or after MDNS_GIVE_UP failed rounds.
+        never removes the real one). A dialer for a discovered peer stops after
+        failing for MDNS_GIVE_UP seconds (a partitioned peer that comes back
+        within that time is found again: mDNS sends no new event for it), or
+        after one failed round once the peer said goodbye: anyone on the LAN
+        can send a goodbye in a peer's name, so it only ends dialling a peer
+        that is really unreachable, never a live one.
         """
         backoff = 0.2
         failures = 0
+        failing_since = trio.current_time()
         while True:
             link = self.links.get(st.peer_key) if st.peer_key else None
             if link is not None:
                 st.state = "connected"
                 failures = 0
                 await link.closed.wait()
+                failing_since = trio.current_time()
                 continue
-            if st.discovered and (st.gone or failures >= MDNS_GIVE_UP):
+            giving_up = trio.current_time() - failing_since > MDNS_GIVE_UP
+            if st.discovered and ((st.gone and failures) or (failures and giving_up)):
                 st.state = "gone"
+                log.debug("mDNS: no longer dialling %s (%s)", st.address,
+                          "it said goodbye" if st.gone else f"unreachable for {MDNS_GIVE_UP:.0f} s")
                 return
             st.state = "connecting"
             started = trio.current_time()
@@ -236,10 +245,12 @@ class Agent:
                     st.last_error = f"handshake with {address} failed"
                     continue
                 st.peer_key, st.last_error = ns.remote_static, None
+                st.gone = False  # it answers, whatever a goodbye in its name said
                 st.state = "connected"
                 await self._run_link(ns, address, initiator=True)
                 st.last_error = "connection ended"
                 failures = 0
+                failing_since = trio.current_time()
                 break
             else:
                 failures += 1
@@ -263,6 +274,7 @@ class Agent:
     async def _on_discovery(self, disc: MdnsDiscovery, nursery: trio.Nursery) -> None:
         async for ev in disc:
             if isinstance(ev, PeerGone):
+                log.debug("mDNS: %s said goodbye", ev.instance)
                 st = self.dialers.get(ev.instance)
                 if st is not None:
                     st.gone = True

@@ -135,6 +135,7 @@ class MdnsDiscovery:
         self._reported: set[str] = set()     # names we emitted PeerSeen for
         self.ignored = 0                     # names dropped because MAX_PEERS were tracked
         self._ran = False
+        self._announcing: list = []          # zeroconf's announcement tasks (futures on its loop)
 
     def __aiter__(self) -> trio.MemoryReceiveChannel:
         return self.events
@@ -167,7 +168,7 @@ class MdnsDiscovery:
             portal.close()
             with trio.CancelScope(shield=True):
                 if zc is not None:
-                    await trio.to_thread.run_sync(_shutdown, zc, browser)
+                    await trio.to_thread.run_sync(_shutdown, zc, browser, self._announcing)
                 self._send.close()
 
     # -- zeroconf calls (run in worker threads) ------------------------------
@@ -185,7 +186,8 @@ class MdnsDiscovery:
 
     def _register(self, zc: Zeroconf, info: ServiceInfo) -> None:
         try:
-            _in_zeroconf_loop(zc, lambda: zc.async_register_service(info, cooperating_responders=True))
+            self._announcing.append(
+                _in_zeroconf_loop(zc, lambda: zc.async_register_service(info, cooperating_responders=True)))
         except NonUniqueNameException:
             raise DiscoveryError(
                 f"another host already advertises {self.instance}: is this device's agent "
@@ -265,8 +267,9 @@ class MdnsDiscovery:
             if today != day:
                 day = today
                 info = self._service_info(day)
-                await trio.to_thread.run_sync(
-                    _in_zeroconf_loop, zc, lambda: zc.async_update_service(info))
+                self._announcing.append(await trio.to_thread.run_sync(
+                    _in_zeroconf_loop, zc, lambda: zc.async_update_service(info)))
+                del self._announcing[:-1]
                 log.debug("mDNS group tag rotated for UTC day %d", day)
 
 
@@ -276,7 +279,7 @@ def _in_zeroconf_loop(zc: Zeroconf, make_coro) -> object:
     return asyncio.run_coroutine_threadsafe(make_coro(), zc.loop).result(CALL_TIMEOUT)
 
 
-def _shutdown(zc: Zeroconf, browser: ServiceBrowser | None) -> None:
+def _shutdown(zc: Zeroconf, browser: ServiceBrowser | None, announcing: list) -> None:
     """Stop browsing, say goodbye for our service and close the sockets."""
     if browser is not None:
         try:
@@ -284,9 +287,35 @@ def _shutdown(zc: Zeroconf, browser: ServiceBrowser | None) -> None:
         except Exception as e:  # shutting down anyway
             log.debug("stopping the mDNS browser: %s", e)
     try:
+        _in_zeroconf_loop(zc, lambda: _goodbye(zc, announcing))
+    except Exception as e:
+        log.warning("mDNS goodbye not sent (peers will find out from heartbeats): %s", e)
+    try:
         zc.close()
     except Exception as e:
         log.warning("mDNS shutdown did not finish cleanly (peers may not see a goodbye): %s", e)
+
+
+async def _goodbye(zc: Zeroconf, announcing: list) -> None:
+    """Withdraw our service (goodbye x3), with nothing about it left to go out after the first goodbye.
+
+    zeroconf announces a service three times, 225 ms apart, and delays
+    multicast answers (20-120 ms, more to aggregate them). An announcement or
+    answer still pending when the goodbye goes out re-announces us just after
+    it, and receivers drop the goodbye's two repeats as duplicate packets
+    (identical bytes within 1 s): they would believe we are still there until
+    the records expire, and keep dialling us. So, in the same loop step that
+    removes our service from the registry, cancel the pending announcements
+    and drop the queued answers (only our own records are ever queued).
+    """
+    for task in announcing:
+        if hasattr(task, "cancel"):
+            task.cancel()
+    for name in ("out_queue", "out_delay_queue"):
+        pending = getattr(getattr(zc, name, None), "queue", None)
+        if pending is not None:
+            pending.clear()
+    await zc.async_unregister_all_services()
 
 
 def _label(name: str) -> str | None:
