@@ -13,9 +13,11 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import apsw
+import pytest
 
 from p2psync.model import Batch, VersionVector
 from p2psync.store import ApplyResult, SqliteStore
@@ -187,3 +189,16 @@ def sync_all(stores: list[SqliteStore], now_ms: int, rounds: int = 10) -> int:
 def new_db(app: App, path: Path, schema: str) -> Path:
     app.script(path, schema)
     return path
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds."""
+    return int(time.time() * 1000)
+
+
+@pytest.fixture(scope="module")
+def app():
+    """One application process per test module (see App)."""
+    a = App()
+    yield a
+    a.close()

@@ -24,7 +24,7 @@ from p2psync.model import Batch, Change, Range, VersionVector
 from p2psync.model.change import MAX_COLUMNS, MAX_VALUE_BYTES
 from p2psync.model.hlc import pack
 from p2psync.store import NotTrackable, SqliteStore, StoreError
-from storeutil import App, dump, groups, ident, join, table_rows, transfer
+from storeutil import App, app, now_ms, dump, groups, ident, join, table_rows, transfer
 
 SA, SB, SC, SX = (bytes([n]) * 16 for n in (0xA1, 0xB2, 0xC3, 0xEE))
 
@@ -32,16 +32,6 @@ ITEMS = """
 CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, note);
 """
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@pytest.fixture(scope="module")
-def app():
-    a = App()
-    yield a
-    a.close()
 
 
 @pytest.fixture

@@ -9,20 +9,10 @@ import pytest
 
 from p2psync.model import VersionVector
 from p2psync.store import SqliteStore
-from storeutil import App, dump, table_rows, transfer
+from storeutil import App, app, now_ms, dump, table_rows, transfer
 
 SA, SB, SC = (bytes([n]) * 16 for n in (0xA1, 0xB2, 0xC3))
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@pytest.fixture(scope="module")
-def app():
-    a = App()
-    yield a
-    a.close()
 
 
 @pytest.fixture

@@ -139,6 +139,11 @@ class TableMerge:
         max_hlc = self.max_hlc
         has_orphans = bool(self.conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall())
         site_idx: dict[bytes, int] = {}
+
+        def idx_of(site: bytes) -> int:
+            i = site_idx[site] = sites.idx(site)
+            return i
+
         col_slots: dict[tuple[str, ...], tuple[int, ...]] = {}
         for pk, group in groups.items():
             regs = local.get(pk)
@@ -147,9 +152,7 @@ class TableMerge:
                 # Nothing local to compete with: every register takes the incoming write.
                 ch = group[0]
                 site = ch.site
-                s_idx = site_idx.get(site)
-                if s_idx is None:
-                    s_idx = site_idx[site] = sites.idx(site)
+                s_idx = site_idx.get(site) or idx_of(site)
                 h, dbv = ch.hlc, ch.dbv
                 if h > max_hlc:
                     max_hlc = h
@@ -178,9 +181,7 @@ class TableMerge:
             changed = False
             for ch in group:
                 site = ch.site
-                s_idx = site_idx.get(site)
-                if s_idx is None:
-                    s_idx = site_idx[site] = sites.idx(site)
+                s_idx = site_idx.get(site) or idx_of(site)
                 h, dbv = ch.hlc, ch.dbv
                 if h > max_hlc:
                     max_hlc = h

@@ -208,11 +208,11 @@ class SqliteStore:
                 self.conn.execute("UPDATE _p2p_state SET dbv = ?", (dbv,))
                 self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (self.site_id, dbv))
 
-    def _screen(self, changes: tuple[Change, ...], now_ms: int) -> tuple[list, list]:
-        """Split changes into (held (reason, change) pairs, changes ready to merge)."""
-        limit = (now_ms + self.max_clock_skew_ms + 1) << 16
+    def _hold_reasons(self, changes, now_ms: int) -> list[str | None]:
+        """Why each change must be held ('unknown-table', 'unknown-column', 'skew'), or None."""
+        limit = (now_ms + self.max_clock_skew_ms + 1) << 16  # first HLC too far ahead of now_ms
         known: dict[tuple, bool] = {}
-        held, ready = [], []
+        reasons: list[str | None] = []
         for c in changes:
             key = (c.table, len(c.pk), c.columns)
             ok = known.get(key)
@@ -220,22 +220,20 @@ class SqliteStore:
                 spec = self.specs.get(c.table)
                 ok = known[key] = spec is not None and len(c.pk) == len(spec.pk) and spec.col_set.issuperset(c.columns)
             if not ok:
-                held.append(("unknown-table" if c.table not in self.specs else "unknown-column", c))
-            elif c.hlc >= limit:
-                held.append(("skew", c))
+                reasons.append("unknown-table" if c.table not in self.specs else "unknown-column")
+            else:
+                reasons.append("skew" if c.hlc >= limit else None)
+        return reasons
+
+    def _screen(self, changes: tuple[Change, ...], now_ms: int) -> tuple[list, list]:
+        """Split changes into (held (reason, change) pairs, changes ready to merge)."""
+        held, ready = [], []
+        for c, reason in zip(changes, self._hold_reasons(changes, now_ms)):
+            if reason:
+                held.append((reason, c))
             else:
                 ready.append(c)
         return held, ready
-
-    def _hold_reason(self, c: Change, clock: Hlc, now_ms: int) -> str | None:
-        spec = self.specs.get(c.table)
-        if spec is None:
-            return "unknown-table"
-        if len(c.pk) != len(spec.pk) or not spec.col_set.issuperset(c.columns):
-            return "unknown-column"
-        if clock.too_far_ahead(c.hlc, now_ms):
-            return "skew"
-        return None
 
     def _merge(self, changes: list[Change], clock: Hlc, now_ms: int, *, force: bool = False) -> int:
         if not changes:
@@ -277,10 +275,9 @@ class SqliteStore:
             if not rows:
                 return 0
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
+            changes = [_unpack_change(blob) for _, blob in rows]
             ready, ids = [], []
-            for hid, blob in rows:
-                c = _unpack_change(blob)
-                reason = self._hold_reason(c, clock, now_ms)
+            for (hid, _), c, reason in zip(rows, changes, self._hold_reasons(changes, now_ms)):
                 if reason is None or (force and reason == "skew"):
                     ready.append(c)
                     ids.append((hid,))
