@@ -349,6 +349,25 @@ class Lab:
                        timeout, interval=0.05,
                        what=f"{a.name} and {b.name} to be connected")
 
+    def wait_settled(self, *devices: Device, timeout: float = SYNC_TIMEOUT) -> None:
+        """Until the devices are pairwise connected and none has a dialer still trying.
+
+        A dialer for a static peer learns the peer's key only from its own
+        first handshake; if it is backing off while the peer dials in, it
+        connects later and the duplicate replaces one of the two links. Tests
+        that assert the link is never interrupted wait for that to be over.
+        """
+        self.wait_connected(*devices, timeout=timeout)
+
+        def settled() -> bool:
+            for d in devices:
+                st = d.try_status()
+                if st is None or any(p.get("state") != "connected" for p in st["peers"]):
+                    return False
+            return all(a.connected_peer(b) for a in devices for b in devices if a is not b)
+        wait_until(lambda: self.check_alive() or settled(), timeout, interval=0.05,
+                   what="every dialer to be connected")
+
     def converged(self, devices: Iterable[Device], table: str = "items") -> bool:
         """All tables equal, and every agent owes/is owed nothing by the peers it is connected to."""
         self.check_alive()

@@ -93,7 +93,7 @@ def target(tmp_path_factory):
         a, b = lab.devices(2)
         lab.start(a, peers=[b])
         lab.start(b, peers=[a])
-        lab.wait_connected(a, b)
+        lab.wait_settled(a, b)
         ticker = Ticker(b)
         ticker.start()
         yield Target(lab, a, b, ticker)
