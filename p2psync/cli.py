@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from .agent.control import ControlError
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_hostport
 from .identity import (IdentityError, InviteError, create_device, invite_code, load_device,
                        parse_invite, resolve_home)
 from .store import SqliteStore, StoreError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_RELAY_PORT = 7744
 
 
 class UsageError(Exception):
@@ -60,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("relay-token", parents=[common], help="print a credential admitting this group to a relay")
     c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("relay", help="run a relay peer backed by Postgres (stores only ciphertext)")
+    c.add_argument("--dsn", default=os.environ.get("P2PSYNC_RELAY_DSN"),
+                   help="Postgres connection string (default: $P2PSYNC_RELAY_DSN)")
+    c.add_argument("--listen", metavar="HOST:PORT", default=f"0.0.0.0:{DEFAULT_RELAY_PORT}")
+    c.add_argument("--allow-group", action="append", default=[], metavar="TOKEN",
+                   help="admit the group whose `p2psync relay-token` is TOKEN (repeatable; remembered in Postgres)")
+    c.add_argument("--admit-only", action="store_true", help="admit the --allow-group tokens, then exit")
+    c.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     return p
 
 
@@ -159,8 +170,29 @@ def cmd_release(args) -> int:
     return EXIT_OK
 
 
+def cmd_relay(args) -> int:
+    from .protocol.relay_preamble import group_ref
+    from .relay.server import run_relay
+
+    if not args.dsn:
+        raise UsageError("relay needs --dsn (or P2PSYNC_RELAY_DSN), e.g. --dsn 'host=127.0.0.1 dbname=p2psync user=relay'")
+    listen = parse_hostport(args.listen, "--listen")
+    admit = []
+    for t in args.allow_group:
+        try:
+            token = bytes.fromhex(t.strip())
+        except ValueError:
+            token = b""
+        if len(token) != 32:
+            raise UsageError(f"--allow-group {t[:20]!r}: a relay token is 64 hex digits, as printed by "
+                             f"`p2psync relay-token` on a device of the group")
+        admit.append((group_ref(token), token))
+    return run_relay(args.dsn, listen, admit, admit_only=args.admit_only, log_level=args.log_level)
+
+
 COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "track": cmd_track, "run": cmd_run,
-            "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token}
+            "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token,
+            "relay": cmd_relay}
 
 
 def main(argv: list[str] | None = None) -> int:

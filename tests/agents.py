@@ -112,6 +112,7 @@ class Device:
     site: str = ""
     proc: subprocess.Popen | None = None
     peers: list[Device] = field(default_factory=list)
+    relay: str | None = None          # HOST:PORT of the relay the agent keeps a session with
     exit_codes: list[int] = field(default_factory=list)
 
     def __repr__(self) -> str:
@@ -284,14 +285,18 @@ class Lab:
     # -- agents -----------------------------------------------------------------
 
     def start(self, dev: Device, peers: Iterable[Device] | None = None, env: dict[str, str] | None = None,
-              wait: bool = True) -> Device:
-        """Start ``dev``'s agent dialling ``peers`` (default: the peers it had last time)."""
+              wait: bool = True, relay: str | None = None) -> Device:
+        """Start ``dev``'s agent dialling ``peers`` and ``relay`` (default: what it had last time)."""
         assert not dev.running, f"{dev.name}: agent already running (pid {dev.pid})"
         if peers is not None:
             dev.peers = list(peers)
+        if relay is not None:
+            dev.relay = relay
         argv = [PYTHON, "-m", "p2psync", "--home", str(dev.home), "run", "--listen", dev.address, "--no-mdns"]
         for p in dev.peers:
             argv += ["--peer", p.address]
+        if dev.relay:
+            argv += ["--relay", dev.relay]
         with open(dev.log_path, "a") as log:
             log.write(f"===== {time.strftime('%H:%M:%S')} start: {' '.join(argv[2:])}\n")
             log.flush()

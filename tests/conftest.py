@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["pg_fixtures"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -1,4 +1,4 @@
-"""The systemd user unit verifies, and the agent speaks the notify protocol to a real socket."""
+"""The systemd units verify (the relay's is hardened), and the agent speaks the notify protocol to a real socket."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "p2psync.service"
+RELAY_UNIT = ROOT / "systemd" / "p2psync-relay.service"
+RELAY_HARDENING = (
+    "DynamicUser=yes", "ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes",
+    "PrivateDevices=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces=yes",
+    "LockPersonality=yes", "MemoryDenyWriteExecute=yes", "SystemCallFilter=@system-service",
+    "CapabilityBoundingSet=", "Restart=on-failure", "EnvironmentFile=-/etc/p2psync/relay.env",
+)
 
 
 def test_user_unit_passes_systemd_analyze_verify(tmp_path):
@@ -27,6 +35,44 @@ def test_user_unit_passes_systemd_analyze_verify(tmp_path):
     text = UNIT.read_text()
     for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure"):
         assert needed in text
+
+
+def _unit_settings(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip() and line[0] not in "#;["}
+
+
+def test_relay_unit_passes_systemd_analyze_verify(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    require(tool is not None, "systemd-analyze is not installed (Debian package systemd)")
+    # verify insists that ExecStart's binary exists: point it at this venv's p2psync in a copy
+    exe = Path(sys.executable).with_name("p2psync")
+    require(exe.exists(), f"{exe} is missing (pip install -e .)")
+    text = RELAY_UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/p2psync relay " in text
+    unit = tmp_path / RELAY_UNIT.name
+    unit.write_text(text.replace("ExecStart=/usr/local/bin/p2psync ", f"ExecStart={exe} "))
+    r = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True,
+                       env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr
+
+
+def test_relay_unit_is_hardened():
+    settings = _unit_settings(RELAY_UNIT)
+    missing = [d for d in RELAY_HARDENING if d not in settings]
+    assert not missing, missing
+    assert "ExecStart=/usr/local/bin/p2psync relay --listen ${P2PSYNC_RELAY_LISTEN}" in settings
+    assert not any("--dsn" in s for s in settings), "the DSN (and its password) must not be on the command line"
+    for needed in ("Type=simple", "WantedBy=multi-user.target", "Wants=network-online.target"):
+        assert needed in settings
+    after = next(s for s in settings if s.startswith("After="))
+    assert {"network-online.target", "postgresql.service"} <= set(after[len("After="):].split())
+    # systemd's own offline review scores the file; 2.0 or less is "OK" (the scale is 0-10, threshold x10)
+    tool = shutil.which("systemd-analyze")
+    require(tool is not None, "systemd-analyze is not installed (Debian package systemd)")
+    r = subprocess.run([tool, "security", "--offline=true", "--threshold=20", str(RELAY_UNIT)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
 
 
 def _device(tmp_path: Path) -> Path:

@@ -18,7 +18,6 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,15 +26,17 @@ import trio
 from ..config import Config
 from ..discovery import DiscoveryError, MdnsDiscovery, PeerGone
 from ..identity import Device
+from ..logsetup import setup_logging
 from ..net.connection import Connection, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..noise import agent_handshake
+from ..net.bus import ChangeBus
+from ..net.store_worker import StoreWorker, wall_ms
 from ..protocol import PROTOCOL_VERSION
 from ..store import SqliteStore
-from .bus import ChangeBus
 from .control import serve_control
+from .relay_link import RelayState, keep_relay_session, relay_status
 from .sdnotify import Notifier
-from .store_worker import StoreWorker, wall_ms
 from .watcher import DbWatcher
 
 log = logging.getLogger("p2psync.agent")
@@ -91,6 +92,8 @@ class DialState:
 class Agent:
     """A running p2psync agent for one device."""
 
+    check_schema = True  # warn when a peer tracks other tables (see Connection)
+
     def __init__(self, device: Device, config: Config, settings: SyncSettings | None = None):
         self.device, self.config = device, config
         self.settings = settings or SyncSettings()
@@ -108,6 +111,7 @@ class Agent:
         self.listen_address: tuple[str, int] | None = None
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
         self.notifier = Notifier()
+        self.relay_state: RelayState | None = None
 
     wall_ms = staticmethod(wall_ms)
 
@@ -366,6 +370,10 @@ class Agent:
         for name, st in self.dialers.items():
             if st.state not in ("connected", "gone") and st.peer_key not in self.links:
                 peers.append({"address": name, "state": st.state, "last_error": st.last_error})
+        if self.relay_state is not None:
+            peers.append(relay_status(self.relay_state, vv))
+        counters = dict(self.counters)
+        counters["relay_rejected_cells"] = self.relay_state.rejected if self.relay_state else 0
         return {
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
             "group": self.device.group.group_id.hex(),
@@ -374,7 +382,7 @@ class Agent:
             "tracked": [s.name for s in self.store.tracked()],
             "peers": peers,
             "held": {"count": len(held), "reasons": _count(h.reason for h in held)},
-            "counters": dict(self.counters),
+            "counters": counters,
         }
 
     # -- lifecycle ----------------------------------------------------------
@@ -391,6 +399,10 @@ class Agent:
             for h, p in self.config.peers:
                 st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses={(h, p)})
                 n.start_soon(self._dial_loop, st)
+            if self.config.relay:
+                h, p = self.config.relay
+                self.relay_state = RelayState(f"{h}:{p}")
+                n.start_soon(keep_relay_session, self, h, p, self.relay_state)
             if self.config.mdns:
                 n.start_soon(self._discover)
             n.start_soon(self._watchdog)
@@ -408,24 +420,6 @@ def _count(items) -> dict:
     for i in items:
         out[i] = out.get(i, 0) + 1
     return out
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr; with journald's priority prefixes when running under systemd."""
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        prio = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-        class JournalFormatter(logging.Formatter):
-            def format(self, record):
-                return f"<{prio.get(record.levelname, 6)}>{record.name}: {record.getMessage()}"
-
-        handler.setFormatter(JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def run_agent(device: Device, config: Config) -> int:

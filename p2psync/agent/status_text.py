@@ -19,9 +19,13 @@ def format_status(st: dict) -> str:
     peers = st.get("peers", [])
     lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
     for p in peers:
+        name = ("relay " if p.get("relay") else "") + p["address"]
+        if p.get("rejected_cells"):
+            lines.append(f"  {name}: {p['rejected_cells']} cells failed authentication and were not applied "
+                         f"({p.get('last_rejection')}); the relay or its database was tampered with")
         if p["state"] == "connected":
-            lines.append(f"  {p['address']:<22} connected {p['connected_for_s']:>7.1f}s  last seen "
+            lines.append(f"  {name:<22} connected {p['connected_for_s']:>7.1f}s  last seen "
                          f"{p['last_seen_s_ago']:.1f}s ago  we owe {p['we_owe']}  they owe {p['they_owe']}")
         else:
-            lines.append(f"  {p['address']:<22} {p['state']}  ({p.get('last_error') or 'no error'})")
+            lines.append(f"  {name:<22} {p['state']}  ({p.get('last_error') or 'no error'})")
     return "\n".join(lines)

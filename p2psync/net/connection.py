@@ -136,7 +136,7 @@ class Connection:
                     self.peer_site = ev.site_id
                     self.peer_vv = ev.vv
                     self.peer = PeerSync(ev.vv)
-                    if ev.schema != ctx.schema:
+                    if ctx.check_schema and ev.schema != ctx.schema:
                         log.warning("peer %s tracks a different schema; changes to tables or columns "
                                     "unknown here will be held until they are tracked", self.label)
                     ctx.on_hello(self, ev)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from ..model import Batch, VersionVector
-from ..store import ApplyResult, SqliteStore
+from ..store import ApplyResult, Store
 
 
 def wall_ms() -> int:
@@ -20,7 +20,7 @@ def wall_ms() -> int:
 class StoreWorker:
     """Runs store calls off the event loop; serialises the writer connection."""
 
-    def __init__(self, store: SqliteStore):
+    def __init__(self, store: Store):
         self.store = store
         self._write_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)

@@ -1,0 +1,174 @@
+"""The device's session with a relay: the same sync session, sealed on the way out, opened on the way in.
+
+How this works: the agent keeps one session to the relay next to its LAN
+peers. It dials, sends the preamble naming its group (by the ref of its relay
+token), and runs the Noise handshake with the relay token as pre-shared key.
+The session is an ordinary ``net.Connection`` whose store worker seals every
+outgoing batch (``sync.sealing``) and opens every incoming one: a relay-
+served cell that fails authentication is counted, logged and left out (with
+its site's range, so the device asks again later and an honest peer can
+still bring it), and the rest of the batch applies in one transaction as
+usual. Changes from the relay wake the LAN sessions and local changes wake
+the relay session, through the agent's one ChangeBus.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import trio
+
+from ..net.connection import Connection, PeerClosed
+from ..net.noise_stream import HandshakeFailed, NoiseStream
+from ..net.store_worker import StoreWorker, wall_ms
+from ..noise import agent_handshake
+from ..protocol.relay_preamble import group_ref, preamble, relay_prologue
+from ..store import StoreError
+from ..sync.sealing import Sealer, split_parts
+
+log = logging.getLogger("p2psync.relay")
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+PART_CELLS = 20_000            # sealed cells per BatchEvent part
+PART_BYTES = 4 << 20           # sealed bytes per BatchEvent part (frames may be 16 MiB)
+
+
+@dataclass
+class RelayState:
+    """What the agent knows about its relay session (shown by `p2psync status`)."""
+
+    address: str
+    state: str = "starting"
+    last_error: str | None = None
+    conn: Connection | None = None
+    since: float = 0.0
+    rejected: int = 0
+    last_rejection: str | None = None
+
+
+class SealingWorker:
+    """The device's store as the relay session sees it."""
+
+    def __init__(self, worker: StoreWorker, sealer: Sealer, state: RelayState):
+        self.worker, self.sealer, self.state = worker, sealer, state
+
+    async def version_vector(self):
+        return await self.worker.version_vector()
+
+    async def apply(self, batch, *, validated: bool = False):
+        opened = await trio.to_thread.run_sync(self.sealer.open_batch, batch)
+        if opened.rejected:
+            self.state.rejected += opened.rejected
+            self.state.last_rejection = opened.reasons[0]
+            log.warning("rejected %d cells from the relay that failed authentication (%s); not applied",
+                        opened.rejected, "; ".join(sorted(set(opened.reasons))))
+        return await self.worker.apply(opened.batch, validated=True)  # open_batch checked every change
+
+    async def batches(self, vv, max_changes: int, max_bytes: int):
+        async for batch, more in self.worker.batches(vv, max_changes, max_bytes):
+            sealed = await trio.to_thread.run_sync(self.sealer.seal_changes, batch.changes)
+            for part in split_parts(sealed, batch.ranges, more, PART_CELLS, PART_BYTES):
+                yield part
+
+
+class RelayContext:
+    """The agent, as a Connection to the relay needs it."""
+
+    check_schema = False  # the relay has no schema of its own
+
+    def __init__(self, agent, state: RelayState):
+        self.agent, self.state = agent, state
+        self.site_id, self.schema, self.bus = agent.site_id, agent.schema, agent.bus
+        self.worker = SealingWorker(agent.worker, Sealer(agent.device.group.data_key()), state)
+
+    wall_ms = staticmethod(wall_ms)
+
+    def on_hello(self, conn: Connection, hello) -> None:
+        log.info("%s says hello", conn.label)
+
+    def on_applied(self, conn: Connection, batch, result) -> None:
+        self.agent.on_applied(conn, batch, result)
+
+
+async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> None:
+    """Keep a session with the relay at host:port: dial, back off, retry, forever."""
+    group = agent.device.group
+    token = group.relay_token()
+    ref = group_ref(token)
+    address = f"{host}:{port}"
+    backoff = 0.2
+    while True:
+        state.state = "connecting"
+        started = trio.current_time()
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as e:
+            state.last_error = f"cannot connect to {address}: {e or 'timed out'}"
+            log.debug("relay: %s", state.last_error)
+        else:
+            ns = NoiseStream(stream, agent_handshake(True, agent.device.static_private, token, relay_prologue(ref)))
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await stream.send_all(preamble(ref))
+                    await ns.do_handshake()
+            except (trio.TooSlowError, HandshakeFailed, trio.BrokenResourceError, OSError) as e:
+                state.last_error = (f"relay {address} refused us or is not a relay for this group "
+                                    f"({type(e).__name__}: {e or 'timed out'}); has it admitted our relay token?")
+                log.warning("relay: %s", state.last_error)
+                with trio.CancelScope(shield=True):
+                    await ns.aclose()
+            else:
+                await _run_session(agent, ns, address, state)
+                if trio.current_time() - started > 10:
+                    backoff = 0.2
+        state.state = "backoff"
+        await trio.sleep(backoff * random.uniform(0.5, 1.5))
+        backoff = min(backoff * 2, 30.0)
+
+
+async def _run_session(agent, ns: NoiseStream, address: str, state: RelayState) -> None:
+    conn = Connection(ns, RelayContext(agent, state), f"relay {address}", agent.settings)
+    state.conn, state.state, state.last_error, state.since = conn, "connected", None, trio.current_time()
+    log.info("connected to relay %s", address)
+    try:
+        await conn.run()
+    except PeerClosed as e:
+        state.last_error = f"session ended: {e}"
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        state.last_error = f"session lost: {e or 'broken'}"
+    except StoreError as e:
+        state.last_error = f"store error: {e}"
+    except Exception:  # a bug must cost one session, never the agent
+        log.exception("relay session with %s failed unexpectedly; closed", address)
+        state.last_error = "internal error (see log)"
+    finally:
+        state.conn = None
+        log.info("relay %s: %s", address, state.last_error or "session closed")
+        with trio.CancelScope(shield=True):
+            await ns.aclose()
+
+
+def relay_status(state: RelayState, vv) -> dict:
+    """The relay's entry in `p2psync status`."""
+    c = state.conn
+    out = {"address": state.address, "relay": True, "state": state.state if c is None else "connected",
+           "rejected_cells": state.rejected}
+    if state.last_rejection:
+        out["last_rejection"] = state.last_rejection
+    if c is None:
+        out["last_error"] = state.last_error
+        return out
+    out.update({
+        "site": c.peer_site.hex() if c.peer_site else None,
+        "connected_for_s": round(trio.current_time() - state.since, 1),
+        "last_seen_s_ago": round(trio.current_time() - c.last_seen, 1),
+        "we_owe": c.peer.owed_to_peer(vv) if c.peer else None,
+        "they_owe": c.peer.owed_by_peer(c.peer_vv, vv) if c.peer else None,
+        "batches_sent": c.peer.batches_sent if c.peer else 0,
+        "batches_received": c.peer.batches_received if c.peer else 0,
+    })
+    return out

@@ -1,0 +1,296 @@
+"""The relay peer: the device protocol, a Postgres store, many groups, no keys to the data.
+
+How this works: one trio nursery runs a TCP listener and a thread that
+LISTENs on Postgres. A connection starts with a 20-byte preamble naming a
+group (its ref); the relay looks the group up among the admitted ones (in
+Postgres, so a group admitted by another relay process is found too) and
+runs the Noise handshake with that group's relay token as the pre-shared
+key: only devices holding the group key can derive the token, so only they
+get through. From then on the session is an ordinary sync session
+(``net.Connection``) over a ``PostgresStore`` for that one group: a device
+can read and write its own group's changes and nothing else.
+
+Every apply NOTIFYs ``p2psync_relay`` with the group id; each relay process
+turns a notification into a wake-up of that group's sessions, so a change
+accepted by one relay process reaches devices connected to another one. The
+listener thread reconnects when Postgres restarts, and wakes every session
+then, since notifications sent while it was away are lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from functools import partial
+
+import psycopg
+import trio
+
+from ..logsetup import setup_logging
+from ..net.bus import ChangeBus
+from ..net.connection import Connection, PeerClosed, SyncSettings
+from ..net.noise_stream import HandshakeFailed, NoiseStream
+from ..net.store_worker import StoreWorker, wall_ms
+from ..noise import agent_handshake
+from ..protocol.relay_preamble import PREAMBLE_LEN, BadPreamble, parse_preamble, relay_prologue
+from ..store import StoreError
+from ..store.postgres import (NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_group, migrate,
+                              relay_site_id, relay_static_private)
+
+log = logging.getLogger("p2psync.relay")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_PENDING_HANDSHAKES = 64
+LISTEN_RETRY = 1.0
+
+
+@dataclass
+class GroupState:
+    """An admitted group as this relay process sees it."""
+
+    id: int
+    token: bytes = field(repr=False)
+    bus: ChangeBus = field(default_factory=ChangeBus)
+    sessions: int = 0
+
+
+class SessionContext:
+    """What a Connection needs, for one device session of one group."""
+
+    check_schema = False  # devices track tables; the relay stores sealed cells of any schema
+
+    def __init__(self, relay: Relay, group: GroupState, store: PostgresStore):
+        self.relay, self.group = relay, group
+        self.worker = StoreWorker(store)
+        self.site_id = relay.site_id
+        self.schema = store.schema_fingerprint()
+        self.bus = group.bus
+
+    wall_ms = staticmethod(wall_ms)
+
+    def on_hello(self, conn: Connection, hello) -> None:
+        log.info("device %s (site %s) of group %d says hello", conn.label, hello.site_id.hex()[:12], self.group.id)
+
+    def on_applied(self, conn: Connection, batch, result) -> None:
+        self.relay.counters["batches_stored"] += 1
+        self.relay.counters["changes_stored"] += result.cells_won
+        if result.cells_won or batch.ranges:
+            self.bus.notify()
+
+
+class Relay:
+    """A running relay process."""
+
+    def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None):
+        self.dsn, self.listen = dsn, listen
+        self.settings = settings or SyncSettings()
+        self.groups: dict[bytes, GroupState] = {}
+        self.by_id: dict[int, GroupState] = {}
+        self.counters = {"connections": 0, "refused_unknown_group": 0, "handshake_failures": 0,
+                         "batches_stored": 0, "changes_stored": 0}
+        self.listen_address: tuple[str, int] | None = None
+        self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self.site_id = b""
+        self._static = b""
+
+    def prepare(self, admit: list[tuple[bytes, bytes]] = ()) -> list[str]:
+        """Create or migrate the schema, load the relay's identity and admit groups (blocking)."""
+        with connect(self.dsn) as conn:
+            applied = migrate(conn)
+            self.site_id = relay_site_id(conn)
+            self._static = relay_static_private(conn)
+            for ref, token in admit:
+                gid = admit_group(conn, ref, token)
+                log.info("group %d admitted (ref %s)", gid, ref.hex()[:12])
+        return applied
+
+    # -- groups ---------------------------------------------------------------
+
+    def _lookup(self, ref: bytes) -> tuple[int, bytes] | None:
+        with connect(self.dsn) as conn:
+            return find_group(conn, ref)
+
+    async def _group(self, ref: bytes) -> GroupState | None:
+        g = self.groups.get(ref)
+        if g is None:
+            found = await trio.to_thread.run_sync(self._lookup, ref)
+            if found is None:
+                return None
+            g = self.groups.get(ref)  # another connection may have loaded it meanwhile
+            if g is None:
+                g = self.groups[ref] = self.by_id[found[0]] = GroupState(found[0], found[1])
+        return g
+
+    # -- connections ----------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            label = f"{host}:{port}"
+        except OSError:
+            label = "?"
+        self.counters["connections"] += 1
+        try:
+            if self._handshakes.value == 0:
+                log.warning("too many handshakes in progress; refusing %s", label)
+                return
+            async with self._handshakes:
+                opened = await self._open(stream, label)
+            if opened is not None:
+                await self._serve(*opened, label)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _open(self, stream, label: str):
+        """(group, secured stream) once the preamble and handshake check out, else None."""
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                data = await _receive_exactly(stream, PREAMBLE_LEN)
+                if not data:
+                    log.debug("connection from %s closed before sending anything", label)
+                    return None
+                ref = parse_preamble(data)
+                group = await self._group(ref)
+                if group is None:
+                    self.counters["refused_unknown_group"] += 1
+                    log.warning("connection from %s: group ref %s is not admitted here; closed", label, ref.hex()[:12])
+                    return None
+                ns = NoiseStream(stream, agent_handshake(False, self._static, group.token, relay_prologue(ref)))
+                await ns.do_handshake()
+                return group, ns
+        except trio.TooSlowError:
+            reason = f"no preamble and handshake within {HANDSHAKE_TIMEOUT:g} s"
+        except BadPreamble as e:
+            reason = str(e)
+        except HandshakeFailed as e:
+            reason = str(e)
+        except (trio.BrokenResourceError, OSError, EOFError) as e:
+            reason = f"connection broke before the handshake completed ({e or type(e).__name__})"
+        except StoreError as e:
+            reason = f"cannot look the group up: {e}"
+        self.counters["handshake_failures"] += 1
+        log.warning("connection from %s: %s; closed", label, reason)
+        return None
+
+    async def _serve(self, group: GroupState, ns: NoiseStream, label: str) -> None:
+        try:
+            store = await trio.to_thread.run_sync(PostgresStore, self.dsn, group.id, self.site_id)
+        except StoreError as e:
+            log.warning("connection from %s: %s; closed", label, e)
+            return
+        group.sessions += 1
+        try:
+            conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
+            await conn.run()
+        except PeerClosed as e:
+            log.info("session with %s ended: %s", label, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("session with %s lost: %s", label, e or "broken")
+        except Exception:  # a bug costs one session, never the relay
+            log.exception("session with %s failed unexpectedly; closed", label)
+        finally:
+            group.sessions -= 1
+            with trio.CancelScope(shield=True):
+                await ns.aclose()
+                await trio.to_thread.run_sync(store.close)
+
+    # -- notifications ----------------------------------------------------------
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            g = self.by_id.get(int(payload))
+        except ValueError:
+            return
+        if g is not None:
+            g.bus.notify()
+
+    def _wake_all(self) -> None:
+        for g in self.by_id.values():
+            g.bus.notify()
+
+    def _listen_thread(self, stop: threading.Event, token: trio.lowlevel.TrioToken) -> None:
+        """LISTEN for other relay processes' applies until ``stop``; reconnects after errors."""
+        first = True
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    if not first:
+                        log.info("listening for other relay processes again")
+                        trio.from_thread.run_sync(self._wake_all, trio_token=token)
+                    first = False
+                    while not stop.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            trio.from_thread.run_sync(self._on_notify, n.payload, trio_token=token)
+            except psycopg.Error as e:
+                if not first or not stop.is_set():
+                    log.warning("lost the Postgres notification connection (%s); retrying", str(e).strip())
+                first = False
+                stop.wait(LISTEN_RETRY)
+            except trio.RunFinishedError:
+                return
+
+    async def _listen(self) -> None:
+        stop = threading.Event()
+        try:
+            await trio.to_thread.run_sync(partial(self._listen_thread, stop, trio.lowlevel.current_trio_token()),
+                                          abandon_on_cancel=True)
+        finally:
+            stop.set()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.listen_address = listeners[0].socket.getsockname()[:2]
+        async with trio.open_nursery() as n:
+            n.start_soon(self._listen)
+            n.start_soon(trio.serve_listeners, self._handle, listeners)
+            log.info("relay listening on %s:%d", *self.listen_address)
+            task_status.started(self.listen_address)
+
+
+async def _receive_exactly(stream, n: int) -> bytes:
+    """``n`` bytes; b"" if the peer closes before sending any; EOFError if it closes midway."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            if not buf:
+                return b""
+            raise EOFError("closed by the peer")
+        buf += chunk
+    return bytes(buf)
+
+
+def run_relay(dsn: str, listen: tuple[str, int], admit: list[tuple[bytes, bytes]], *,
+              admit_only: bool = False, log_level: str = "info") -> int:
+    """Run the relay until SIGTERM/SIGINT (or just admit groups); the process exit status."""
+    import signal
+
+    setup_logging(log_level)
+    relay = Relay(dsn, listen)
+    applied = relay.prepare(admit)
+    for name in applied:
+        log.info("applied migration %s", name)
+    if admit_only:
+        return 0
+
+    async def main():
+        async with trio.open_nursery() as n:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await n.start(relay.run)
+                async for sig in signals:
+                    log.info("%s received: closing sessions", signal.Signals(sig).name)
+                    n.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    log.info("relay stopped")
+    return 0
+
+
+__all__ = ["Relay", "run_relay"]

@@ -1,0 +1,37 @@
+-- The relay's tables. Everything a device sends a relay is sealed (see
+-- p2psync/sync/sealing.py): table "~", key (cell id), one ciphertext value.
+
+-- Groups admitted with `p2psync relay --allow-group TOKEN`.
+CREATE TABLE p2p_groups (
+    id          serial PRIMARY KEY,
+    ref         bytea NOT NULL UNIQUE,        -- public handle a device sends before its handshake
+    token       bytea NOT NULL,               -- the group's relay credential: the Noise pre-shared key
+    admitted_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The relay's own identity, shared by every relay process on this database.
+CREATE TABLE p2p_meta (
+    key   text PRIMARY KEY,
+    value bytea NOT NULL
+);
+
+-- One row per change: a change is identified within its origin write
+-- (site, dbv) by its table, key, clock and columns (ident); body holds the
+-- existence flag and the values.
+CREATE TABLE p2p_changes (
+    grp   integer NOT NULL REFERENCES p2p_groups(id),
+    site  bytea   NOT NULL,
+    dbv   bigint  NOT NULL,
+    ident bytea   NOT NULL,
+    hlc   bigint  NOT NULL,
+    body  bytea   NOT NULL,
+    PRIMARY KEY (grp, site, dbv, ident)
+);
+
+-- What the relay holds: per group and origin site, every db version up to dbv.
+CREATE TABLE p2p_vv (
+    grp  integer NOT NULL REFERENCES p2p_groups(id),
+    site bytea   NOT NULL,
+    dbv  bigint  NOT NULL,
+    PRIMARY KEY (grp, site)
+);
