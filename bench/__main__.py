@@ -1,4 +1,4 @@
-"""Run the benchmarks: python -m bench [store|sync|lan|slow|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|relay|slow|all]."""
 
 import subprocess
 import sys
@@ -22,6 +22,8 @@ try:
     SUITES["lan"] = lan_bench.run
 except ImportError:
     pass
+from . import relay_bench  # noqa: E402
+SUITES["relay"] = relay_bench.run
 SUITES["slow"] = slow_tests
 
 

@@ -1,0 +1,130 @@
+"""Issue 5 figures: ingest from one device into the relay, and a new device's catch-up from the relay alone.
+
+A private Postgres cluster (fsync on, as in production) is started for the
+run, or P2PSYNC_BENCH_DSN is used. The baseline is a raw binary COPY of the
+same number of rows into a plain table on the same server, measured in the
+same run. A relay stores one row per cell (a row's existence and each
+column), so figures are given in cells and in application rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+from .common import PY, ROOT, Device, cli, free_port, line
+
+SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);"
+ROWS = 100_000
+CELLS_PER_ROW = 3  # existence + name + qty
+
+
+def _server():
+    """(admin dsn, closer) of a Postgres server for the run."""
+    if os.environ.get("P2PSYNC_BENCH_DSN"):
+        return os.environ["P2PSYNC_BENCH_DSN"], lambda: None
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg_fixtures import PgServer, find_pg_bindir
+
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise SystemExit("relay bench: no Postgres server binaries (install postgresql or set P2PSYNC_BENCH_DSN)")
+    server = PgServer.start_private(bindir, fsync=True)
+    return server.admin_dsn, server.close
+
+
+def _new_db(admin: str, name: str) -> str:
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name}")
+        c.execute(f"CREATE DATABASE {name}")
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    return make_conninfo(**{**conninfo_to_dict(admin), "dbname": name})
+
+
+def _raw_copy_rate(dsn: str) -> float:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE raw_copy(id bigint PRIMARY KEY, name text, qty bigint)")
+        t0 = time.perf_counter()
+        with c.transaction(), c.cursor() as cur:
+            with cur.copy("COPY raw_copy FROM STDIN") as cp:
+                for i in range(ROWS):
+                    cp.write_row((i, f"item {i}", i % 1000))
+        return ROWS / (time.perf_counter() - t0)
+
+
+def _relay_vv(dsn: str, site: bytes) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT dbv FROM p2p_vv WHERE site = %s", (site,)).fetchone()
+        return row[0] if row else 0
+
+
+def _count(db: Path) -> int:
+    c = sqlite3.connect(db)
+    try:
+        return c.execute("SELECT count(*) FROM t").fetchone()[0]
+    finally:
+        c.close()
+
+
+def run() -> None:
+    admin, close = _server()
+    relay = None
+    try:
+        dsn = _new_db(admin, "p2psync_bench")
+        raw = _raw_copy_rate(dsn)
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(tmp)
+            a = Device(base, "A", SCHEMA, ["t"])
+            b = Device(base, "B", SCHEMA, ["t"], invite=a.invite())
+            token = cli("--home", str(a.home), "relay-token").strip()
+            port = free_port()
+            log = open(base / "relay.log", "ab")
+            relay = subprocess.Popen([PY, "-m", "p2psync", "relay", "--dsn", dsn, "--listen", f"127.0.0.1:{port}",
+                                      "--allow-group", token, "--log-level", "warning"], stdout=log, stderr=log)
+            a.start(extra=["--relay", f"127.0.0.1:{port}"])
+            try:
+                a.wait_connected(1)
+                site = bytes.fromhex(a.status()["device"]["site"])
+                app = sqlite3.connect(a.db, isolation_level=None)
+                t0 = time.perf_counter()
+                app.execute("BEGIN")
+                app.executemany("INSERT INTO t VALUES (?, ?, ?)", ((i, f"item {i}", i % 1000) for i in range(ROWS)))
+                app.execute("COMMIT")
+                app.close()
+                while True:
+                    st = a.status()
+                    own = st["version_vector"].get(site.hex(), 0) if st else 0
+                    if own and _relay_vv(dsn, site) >= own:
+                        break
+                    time.sleep(0.02)
+                ingest = time.perf_counter() - t0
+                a.stop()
+                t1 = time.perf_counter()
+                b.start(extra=["--relay", f"127.0.0.1:{port}"])
+                while _count(b.db) < ROWS:
+                    time.sleep(0.01)
+                catchup = time.perf_counter() - t1
+            finally:
+                a.stop()
+                b.stop()
+        cells = ROWS * CELLS_PER_ROW
+        print(f"relay (agent processes, a relay process, Postgres {'external' if os.environ.get('P2PSYNC_BENCH_DSN') else 'private cluster, fsync on'})")
+        line(f"raw binary COPY, {ROWS:,} rows into a plain table", f"{raw:,.0f} rows/s", "baseline")
+        line(f"ingest: {ROWS:,} rows committed on A -> stored", f"{cells / ingest:,.0f} cells/s",
+             f"{ROWS / ingest / raw * 100:.0f}% of raw COPY (rows)",
+             f"target >= 50k changes/s; {ROWS / ingest:,.0f} rows/s; {ingest:.2f} s incl. sealing")
+        line(f"catch-up: new device B, {ROWS:,} rows from relay", f"{catchup:.2f} s",
+             f"{ROWS / catchup / raw * 100:.0f}% of raw COPY (rows)",
+             f"target <= 5 s; {cells:,} cells; incl. agent start-up")
+    finally:
+        if relay is not None:
+            relay.terminate()
+            relay.wait(15)
+        close()
