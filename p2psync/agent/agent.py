@@ -373,7 +373,7 @@ class Agent:
         if self.relay_state is not None:
             peers.append(relay_status(self.relay_state, vv))
         counters = dict(self.counters)
-        counters["relay_rejected_cells"] = self.relay_state.rejected if self.relay_state else 0
+        counters["relay_rejected_changes"] = self.relay_state.rejected if self.relay_state else 0
         return {
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
             "group": self.device.group.group_id.hex(),

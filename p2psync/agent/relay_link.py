@@ -5,10 +5,10 @@ peers. It dials, sends the preamble naming its group (by the ref of its relay
 token), and runs the Noise handshake with the relay token as pre-shared key.
 The session is an ordinary ``net.Connection`` whose store worker seals every
 outgoing batch (``sync.sealing``) and opens every incoming one: a relay-
-served cell that fails authentication is counted, logged and left out (with
-its site's range, so the device asks again later and an honest peer can
-still bring it), and the rest of the batch applies in one transaction as
-usual. Changes from the relay wake the LAN sessions and local changes wake
+served change that fails authentication is counted, logged and left out
+(with its site's range, so the device asks again later and an honest peer
+can still bring it), and the rest of the batch applies in one transaction
+as usual. Changes from the relay wake the LAN sessions and local changes wake
 the relay session, through the agent's one ChangeBus.
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger("p2psync.relay")
 
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
-PART_CELLS = 20_000            # sealed cells per BatchEvent part
+PART_CELLS = 20_000            # sealed sealed changes per BatchEvent part
 PART_BYTES = 4 << 20           # sealed bytes per BatchEvent part (frames may be 16 MiB)
 
 
@@ -63,7 +63,7 @@ class SealingWorker:
         if opened.rejected:
             self.state.rejected += opened.rejected
             self.state.last_rejection = opened.reasons[0]
-            log.warning("rejected %d cells from the relay that failed authentication (%s); not applied",
+            log.warning("rejected %d changes from the relay that failed authentication (%s); not applied",
                         opened.rejected, "; ".join(sorted(set(opened.reasons))))
         return await self.worker.apply(opened.batch, validated=True)  # open_batch checked every change
 
@@ -156,7 +156,7 @@ def relay_status(state: RelayState, vv) -> dict:
     """The relay's entry in `p2psync status`."""
     c = state.conn
     out = {"address": state.address, "relay": True, "state": state.state if c is None else "connected",
-           "rejected_cells": state.rejected}
+           "rejected_changes": state.rejected}
     if state.last_rejection:
         out["last_rejection"] = state.last_rejection
     if c is None:

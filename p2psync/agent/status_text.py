@@ -20,8 +20,8 @@ def format_status(st: dict) -> str:
     lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
     for p in peers:
         name = ("relay " if p.get("relay") else "") + p["address"]
-        if p.get("rejected_cells"):
-            lines.append(f"  {name}: {p['rejected_cells']} cells failed authentication and were not applied "
+        if p.get("rejected_changes"):
+            lines.append(f"  {name}: {p['rejected_changes']} changes failed authentication and were not applied "
                          f"({p.get('last_rejection')}); the relay or its database was tampered with")
         if p["state"] == "connected":
             lines.append(f"  {name:<22} connected {p['connected_for_s']:>7.1f}s  last seen "

@@ -1,27 +1,26 @@
-"""Blind cells: what devices send a relay instead of their rows.
+"""Blind changes: what devices send a relay instead of their rows.
 
 How this works: a relay stores and serves changes but must not read them.
-Before a batch goes to a relay, every cell of every change (the row's
-existence register and each column) becomes one *sealed* change of its own:
+Before a batch goes to a relay, every change becomes a *sealed* change:
 
-    Change(table="~", pk=(cell_id,), site, dbv, hlc, alive=None,
+    Change(table="~", pk=(row_ref,), site, dbv, hlc, alive=None,
            columns=("~",), values=(nonce || ciphertext,))
 
-``cell_id`` is a keyed hash (BLAKE2b with a key, 16 bytes) of (table,
-primary key, column), so equal cells share an id and nothing else about them shows. The
-ciphertext is ChaCha20-Poly1305 over (table, primary key, column, value or
-existence flag), with the cell id and the version (site, dbv, hlc) as
-associated data: a relay that flips a byte, swaps two cells' ids or moves a
-value to another version produces a change that fails authentication. The
-nonce is synthetic (a keyed hash of the associated data and the plaintext),
-so the same cell version always seals to the same bytes and a nonce never
-repeats for different plaintexts.
+``row_ref`` is a keyed hash (BLAKE2b with a key, 16 bytes) of the table and
+primary key, so all changes of one row share a ref and nothing else about
+the row shows. The ciphertext is ChaCha20-Poly1305 over (table, primary key,
+existence flag, columns, values), with the row ref and the version (site,
+dbv, hlc) as associated data: a relay that flips a byte, swaps two changes'
+refs or moves a change to another version produces a change that fails
+authentication. The nonce is synthetic (a keyed hash of the associated data
+and the plaintext), so the same change always seals to the same bytes and a
+nonce never repeats for different plaintexts.
 
-Opening reverses this, checks the cell id against the decrypted identity,
-and puts cells of one (table, key, site, dbv, hlc) back together as one
-change. The relay still sees sites, db versions, clocks, how many cells a
-write touched and how long each value is; it never sees table names, keys,
-column names or values.
+Opening reverses this and checks the ref against the decrypted identity. The
+relay still sees sites, db versions, clocks, which changes concern the same
+row, and how long each sealed change is; it never sees table names, keys,
+column names, values, or whether a change is an insert, update or delete.
+Why one seal per change rather than per cell: docs/relay.md.
 """
 
 from __future__ import annotations
@@ -40,16 +39,13 @@ from ..model.change import InvalidChange, check_change
 
 SEALED_TABLE = "~"
 SEALED_COLUMN = "~"
-CELL_ID_LEN = 16
+ROW_REF_LEN = 16
 NONCE_LEN = 12
-_EXISTENCE = None  # the column slot of a row's existence register
 _VERSION = struct.Struct(">qq")
 
 
 def _subkey(data_key: bytes, label: bytes) -> bytes:
     return hmac.new(data_key, b"p2psync seal v1 " + label, hashlib.sha256).digest()
-
-
 
 
 @dataclass
@@ -62,121 +58,80 @@ class OpenResult:
 
 
 class Sealer:
-    """Seals and opens cells with one group's data key."""
+    """Seals and opens changes with one group's data key.
+
+    Seal from one thread at a time and open from one thread at a time (a
+    session's sender and reader); each side has its own msgpack packer.
+    """
 
     def __init__(self, data_key: bytes):
-        self._id_key = _subkey(data_key, b"cell id")
+        self._ref_key = _subkey(data_key, b"row ref")
         self._nonce_key = _subkey(data_key, b"nonce")
         self._aead = ChaCha20Poly1305(_subkey(data_key, b"aead"))
-        # A Sealer seals in one thread at a time and opens in one thread at a
-        # time (a connection's sender and reader); each side has its own packer.
         self._seal_pack = msgpack.Packer(use_bin_type=True).pack
         self._open_pack = msgpack.Packer(use_bin_type=True).pack
-        self._last_row_key, self._last_row = None, None
 
-    def _row_hash(self, table: str, pk: tuple, pack):
-        h = hashlib.blake2b(key=self._id_key, digest_size=CELL_ID_LEN)
-        h.update(pack([table, list(pk)]))
-        return h
-
-    def cell_id(self, table: str, pk: tuple, column: str | None) -> bytes:
-        """The id a relay knows this cell by (for tests and tools; sealing computes it inline)."""
-        pack = msgpack.Packer(use_bin_type=True).pack
-        h = self._row_hash(table, pk, pack)
-        h.update(pack(column))
-        return h.digest()
-
-    def _cell_id_cached(self, table: str, pk: tuple, column) -> bytes:
-        """``cell_id``, reusing the row's hash state across a row's consecutive cells."""
-        if self._last_row_key != (table, pk):
-            self._last_row_key, self._last_row = (table, pk), self._row_hash(table, pk, self._open_pack)
-        h = self._last_row.copy()
-        h.update(self._open_pack(column))
-        return h.digest()
+    def row_ref(self, table: str, pk: tuple, pack=None) -> bytes:
+        """The name a relay knows a row by."""
+        pack = pack or msgpack.Packer(use_bin_type=True).pack
+        return hashlib.blake2b(pack([table, list(pk)]), key=self._ref_key, digest_size=ROW_REF_LEN).digest()
 
     def seal_changes(self, changes) -> list[Change]:
-        """Every cell of ``changes`` as its own sealed change."""
+        """Each of ``changes`` sealed."""
         out = []
-        aead, nonce_key, pack, version = self._aead, self._nonce_key, self._seal_pack, _VERSION.pack
+        aead, nonce_key, ref_key, pack, version = (self._aead, self._nonce_key, self._ref_key, self._seal_pack,
+                                                   _VERSION.pack)
+        blake2b = hashlib.blake2b
         for c in changes:
-            row = self._row_hash(c.table, c.pk, pack)
-            head = pack(c.table) + pack(list(c.pk))
-            cells = list(zip(c.columns, c.values))
-            if c.alive is not None:
-                cells.insert(0, (_EXISTENCE, c.alive))
-            site_ver = c.site + version(c.dbv, c.hlc)
-            for col, val in cells:
-                h = row.copy()
-                colb = pack(col)
-                h.update(colb)
-                cid = h.digest()
-                ad = cid + site_ver
-                plain = b"\x94" + head + colb + pack(val)  # msgpack array of 4: table, pk, column, value
-                nonce = hashlib.blake2b(ad + plain, key=nonce_key, digest_size=NONCE_LEN).digest()
-                out.append(Change(SEALED_TABLE, (cid,), c.site, c.dbv, c.hlc, None, (SEALED_COLUMN,),
-                                  (nonce + aead.encrypt(nonce, plain, ad),)))
+            ident = pack([c.table, list(c.pk)])
+            ref = blake2b(ident, key=ref_key, digest_size=ROW_REF_LEN).digest()
+            ad = ref + c.site + version(c.dbv, c.hlc)
+            plain = pack([c.table, list(c.pk), c.alive, list(c.columns), list(c.values)])
+            nonce = blake2b(ad + plain, key=nonce_key, digest_size=NONCE_LEN).digest()
+            out.append(Change(SEALED_TABLE, (ref,), c.site, c.dbv, c.hlc, None, (SEALED_COLUMN,),
+                              (nonce + aead.encrypt(nonce, plain, ad),)))
         return out
 
-    def _open_cell(self, s: Change) -> tuple[str, tuple, str | None, object]:
+    def _open(self, s: Change) -> Change:
         if (s.table != SEALED_TABLE or len(s.pk) != 1 or type(s.pk[0]) is not bytes
-                or len(s.pk[0]) != CELL_ID_LEN or s.columns != (SEALED_COLUMN,) or s.alive is not None
+                or len(s.pk[0]) != ROW_REF_LEN or s.columns != (SEALED_COLUMN,) or s.alive is not None
                 or type(s.values[0]) is not bytes or len(s.values[0]) <= NONCE_LEN):
-            raise ValueError("not a sealed cell")
-        cid, blob = s.pk[0], s.values[0]
+            raise ValueError("not a sealed change")
+        ref, blob = s.pk[0], s.values[0]
         try:
-            plain = self._aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], cid + s.site + _VERSION.pack(s.dbv, s.hlc))
+            plain = self._aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], ref + s.site + _VERSION.pack(s.dbv, s.hlc))
         except InvalidTag:
             raise ValueError("authentication failed (altered, moved or from another group)") from None
         try:
-            table, pk, column, value = msgpack.unpackb(plain, raw=False, use_list=False, strict_map_key=True)
+            table, pk, alive, columns, values = msgpack.unpackb(plain, raw=False, use_list=False)
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            raise ValueError("authentic but malformed cell") from None
-        if type(pk) is not tuple or self._cell_id_cached(table, pk, column) != cid:
-            raise ValueError("cell id does not match its contents")
-        return table, pk, column, value
+            raise ValueError("authentic but malformed change") from None
+        if type(pk) is not tuple or type(table) is not str or self.row_ref(table, pk, self._open_pack) != ref:
+            raise ValueError("row ref does not match the change's table and key")
+        c = Change(table, pk, s.site, s.dbv, s.hlc, alive, columns, values)
+        try:
+            check_change(c)
+        except InvalidChange as e:
+            raise ValueError(f"authentic but invalid change: {e}") from None
+        return c
 
     def open_batch(self, batch: Batch) -> OpenResult:
-        """The plaintext batch behind a relay batch, without the cells that failed to open.
+        """The plaintext batch behind a relay batch, without the changes that failed to open.
 
-        Ranges of a site with a rejected cell are dropped: the receiver does
-        not count those versions as received, so it asks again (and any
-        honest peer can still bring the real cells).
+        Ranges of a site with a rejected change are dropped: the receiver
+        does not count those versions as received, so it asks again (and any
+        honest peer can still bring the real changes).
         """
-        rows: dict[tuple, list] = {}
-        reasons: list[str] = []
-        bad_sites: set[bytes] = set()
+        changes, reasons, bad_sites = [], [], set()
         rejected = 0
-
-        def reject(site: bytes, why: str, cells: int = 1) -> None:
-            nonlocal rejected
-            rejected += cells
-            bad_sites.add(site)
-            if len(reasons) < 5:
-                reasons.append(why)
-
         for s in batch.changes:
             try:
-                table, pk, column, value = self._open_cell(s)
-                if column is _EXISTENCE and type(value) is not bool:
-                    raise ValueError("existence cell without a true/false flag")
+                changes.append(self._open(s))
             except ValueError as e:
-                reject(s.site, str(e))
-                continue
-            entry = rows.setdefault((table, pk, s.site, s.dbv, s.hlc), [None, [], []])
-            if column is _EXISTENCE:
-                entry[0] = value
-            else:
-                entry[1].append(column)
-                entry[2].append(value)
-        changes = []
-        for (t, pk, site, dbv, hlc), (a, cols, vals) in rows.items():
-            c = Change(t, pk, site, dbv, hlc, a, tuple(cols), tuple(vals))
-            try:
-                check_change(c)
-            except InvalidChange as e:
-                reject(site, f"authentic but invalid change: {e}", len(cols) + (a is not None))
-                continue
-            changes.append(c)
+                rejected += 1
+                bad_sites.add(s.site)
+                if len(reasons) < 5:
+                    reasons.append(str(e))
         ranges = tuple(r for r in batch.ranges if r.site not in bad_sites)
         return OpenResult(Batch(tuple(changes), ranges), rejected, reasons)
 
