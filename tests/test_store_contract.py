@@ -217,3 +217,15 @@ def test_a_site_with_nothing_left_to_send_still_gets_its_range(make_store):
     store.apply(Batch((), (Range(site, 0, 3),)), now_ms())
     groups = _groups(store, VersionVector())
     assert [r for g in groups for p in g for r in p.ranges] == [Range(site, 0, 3)]
+
+
+def test_a_change_that_arrives_twice_before_its_range_goes_out_once(make_store):
+    """A change can reach a store ahead of its range (it came along in another site's batch)."""
+    store = make_store()
+    s, t = os.urandom(16), os.urandom(16)
+    ahead = Change("items", (7,), t, 3, 1 << 20, None, ("name",), ("from t",))
+    own = Change("items", (8,), s, 1, 1 << 20, True, ("name",), ("from s",))
+    store.apply(Batch((own, ahead), (Range(s, 0, 1),)), now_ms())
+    store.apply(Batch((ahead,), (Range(t, 0, 3),)), now_ms())
+    sent = [c for g in _groups(store, VersionVector()) for p in g for c in p.changes]
+    assert sorted((c.site == t, c.pk) for c in sent) == [(False, (8,)), (True, (7,))]

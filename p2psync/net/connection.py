@@ -1,11 +1,13 @@
 """The per-connection pump: NoiseStream <-> protocol Session <-> store.
 
-How this works: after the Noise handshake each side sends Hello. Three tasks
-share the connection: the reader feeds received bytes to the Session and acts
-on events (applies complete batches in a worker thread, then acks; answers
-pings), the sender streams what the peer lacks in batches while the window
-allows and then waits for new local changes, and the timer task sends
-heartbeats and enforces the idle timeout. Every write goes through one lock,
+How this works: after the Noise handshake each side sends Hello. Four tasks
+share the connection. The reader feeds received bytes to the Session and
+acts on events: it answers pings and hands batches to the applier. The
+applier applies complete batches in a worker thread, in order, and acks each
+part once it is applied, so the next batch decodes while this one is
+written. The sender streams what the peer lacks in batches while the window
+allows, then waits for new local changes. The timer task sends heartbeats
+and enforces the idle timeout. Every write goes through one lock,
 so frames never interleave. Any protocol error is sent to the peer as an
 Error, logged with the peer's address, and closes this connection only.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -25,6 +28,7 @@ from ..sync import GroupTooLarge, PeerSync
 log = logging.getLogger("p2psync.net")
 
 RECEIVE_SIZE = 256 * 1024
+APPLY_QUEUE = 1  # complete batches decoded ahead of the one being applied
 
 
 @dataclass
@@ -77,8 +81,10 @@ class Connection:
             # reason leaves here as itself, not wrapped in an ExceptionGroup
             # (trio's nurseries are strict) that no handler below would match.
             self._failure: Exception | None = None
+            send_applies, receive_applies = trio.open_memory_channel(APPLY_QUEUE)
             async with trio.open_nursery() as n:
-                n.start_soon(self._guard, self._reader, n.cancel_scope)
+                n.start_soon(self._guard, partial(self._reader, send_applies), n.cancel_scope)
+                n.start_soon(self._guard, partial(self._applier, receive_applies), n.cancel_scope)
                 n.start_soon(self._guard, self._sender, n.cancel_scope)
                 n.start_soon(self._guard, self._timer, n.cancel_scope)
             if self._failure is not None:
@@ -108,8 +114,18 @@ class Connection:
             except Exception:  # the connection may already be gone
                 pass
 
-    async def _reader(self) -> None:
-        session, ctx = self.session, self.ctx
+    async def _applier(self, applies) -> None:
+        """Apply complete batches in arrival order and ack each part once it is durable."""
+        ctx = self.ctx
+        async for seq, batch in applies:
+            if batch is not None:
+                result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
+                ctx.on_applied(self, batch, result)
+                log.debug("applied %d changes from %s", len(batch.changes), self.label)
+            await self._write(Ack(seq))
+
+    async def _reader(self, applies) -> None:
+        session = self.session
         while True:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             session.receive_data(data, self._now())
@@ -122,12 +138,8 @@ class Connection:
                     raise PeerClosed("peer closed the connection")
                 t = type(ev)
                 if t is BatchEvent:
-                    batch = self.peer.received_part(ev.batch, ev.more)
-                    if batch is not None:
-                        result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
-                        ctx.on_applied(self, batch, result)
-                        log.debug("applied %d changes from %s", len(batch.changes), self.label)
-                    await self._write(Ack(ev.seq))
+                    # decoding the next batch overlaps with applying this one
+                    await applies.send((ev.seq, self.peer.received_part(ev.batch, ev.more)))
                 elif t is Ack:
                     self._window.set()
                 elif t is Ping:
@@ -136,10 +148,10 @@ class Connection:
                     self.peer_site = ev.site_id
                     self.peer_vv = ev.vv
                     self.peer = PeerSync(ev.vv)
-                    if ctx.check_schema and ev.schema != ctx.schema:
+                    if self.ctx.check_schema and ev.schema != self.ctx.schema:
                         log.warning("peer %s tracks a different schema; changes to tables or columns "
                                     "unknown here will be held until they are tracked", self.label)
-                    ctx.on_hello(self, ev)
+                    self.ctx.on_hello(self, ev)
                     self._hello.set()
                 elif t is Error:
                     raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")

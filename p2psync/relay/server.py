@@ -84,7 +84,8 @@ class Relay:
 
     def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None):
         self.dsn, self.listen = dsn, listen
-        self.settings = settings or SyncSettings()
+        # Big batches: each one the relay stores costs a Postgres transaction.
+        self.settings = settings or SyncSettings(max_changes=10_000, max_bytes=4 << 20)
         self.groups: dict[bytes, GroupState] = {}
         self.by_id: dict[int, GroupState] = {}
         self.counters = {"connections": 0, "refused_unknown_group": 0, "handshake_failures": 0,

@@ -1,20 +1,24 @@
 """The relay's store: changes kept in Postgres, one group per store object.
 
 How this works: the relay does not merge. It keeps every change it is given,
-once (a change is identified by its origin write and its table, key, clock
-and columns), and a version vector per group saying which origin db versions
-it holds completely. ``changes_since(vv)`` streams, per origin site, the
-changes a peer with ``vv`` lacks in db-version order, from one REPEATABLE
-READ snapshot, in batches that end on db-version boundaries and carry the
-range they complete, exactly as a device's store does; a single db version
-too large for one batch goes as parts (``more=True``). ``apply`` stores a
-batch in one transaction (COPY into a staging table, then one INSERT ... ON
-CONFLICT DO NOTHING) and advances the vector by the batch's ranges, under a
-per-group advisory lock so that several relay processes may share the
-database; it then NOTIFYs ``p2psync_relay`` with the group id so every relay
-process pushes the news to its own sessions.
+once (a change is named within its origin write by a hash of its table,
+key, clock and columns), and a version vector per group saying which origin
+db versions it holds completely. ``changes_since(vv)`` streams, per origin
+site, the changes a peer with ``vv`` lacks in db-version order, from one
+REPEATABLE READ snapshot, in batches that end on db-version boundaries and
+carry the range they complete, exactly as a device's store does; a single
+db version too large for one batch goes as parts (``more=True``).
 
-The relay never reads what it stores: devices seal their cells before
+``apply`` stores a batch in one transaction under a per-group advisory lock
+(several relay processes may share the database): it drops the changes the
+vector already covers (two devices pushing the same versions), writes the
+rest with one binary COPY, advances the vector by the batch's ranges, and
+NOTIFYs ``p2psync_relay`` with the group id so every relay process pushes
+the news to its own sessions. There is no unique key (it costs half the
+ingest rate); the rare duplicate the vector cannot catch is stored and
+skipped when reading.
+
+The relay never reads what it stores: devices seal their changes before
 sending (p2psync/sync/sealing.py). The store itself is content-agnostic and
 passes the same contract tests as the SQLite store.
 
@@ -43,6 +47,7 @@ NOTIFY_CHANNEL = "p2psync_relay"
 LOCK_NAMESPACE = 0x7032_7073           # pg_advisory_xact_lock(namespace, group)
 MIGRATION_LOCK = (LOCK_NAMESPACE, 0)
 READ_CHUNK = 5000
+IDENT_LEN = 16                          # bytes of the hash naming a change within its (site, dbv)
 _I32, _I64 = struct.Struct(">i"), struct.Struct(">q")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)   # signature, flags, header extension length
 _SITE_LEN, _I64_LEN = _I32.pack(16), _I32.pack(8)
@@ -140,7 +145,6 @@ class PostgresStore:
         self._writer = connect(dsn)
         self._reader: psycopg.Connection | None = None
         self._write_pack = msgpack.Packer(use_bin_type=True).pack
-        self._staged = False
 
     def close(self) -> None:
         for c in (self._writer, self._reader):
@@ -177,15 +181,14 @@ class PostgresStore:
                 check_batch(batch)
             except ValueError as e:
                 raise StoreError(f"rejected batch: {e}") from e
-        pack = self._write_pack
-        rows = [(c.site, c.dbv, pack([c.table, list(c.pk), c.hlc, list(c.columns)]), c.hlc,
-                 pack([c.alive, list(c.values)])) for c in batch.changes]
         conn = self._writer
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, self.group))
-                stored = self._insert(conn, rows) if rows else 0
                 vv = self._vv(conn)
+                rows = self._new_rows(batch.changes, vv)
+                if rows:
+                    self._copy(conn, rows)
                 advanced = {}
                 for r in batch.ranges:
                     if vv[r.site] >= r.lo and r.hi > vv[r.site]:
@@ -196,44 +199,38 @@ class PostgresStore:
                         cur.executemany("INSERT INTO p2p_vv(grp, site, dbv) VALUES (%s, %s, %s) "
                                         "ON CONFLICT (grp, site) DO UPDATE SET dbv = excluded.dbv",
                                         [(self.group, s, n) for s, n in advanced.items()])
-                if stored or advanced:
+                if rows or advanced:
                     conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(self.group)))
         except psycopg.Error as e:
             raise StoreError(f"could not store a batch: {str(e).strip()}") from e
-        return ApplyResult(cells_won=stored, held=0, vv=vv)
+        return ApplyResult(cells_won=len(rows), held=0, vv=vv)
 
-    def _insert(self, conn: psycopg.Connection, rows: list[tuple]) -> int:
-        """Store rows not already there; returns how many were new.
+    def _new_rows(self, changes, vv: VersionVector) -> list[tuple]:
+        """(site, dbv, ident, hlc, body) of the changes the vector does not already cover.
 
-        Usually none are there (one device pushing its own writes), and a
-        COPY straight into the table is the fastest way in. If some are (two
-        devices pushed the same changes), the COPY fails on the key, and the
-        rows go through a staging table and ON CONFLICT DO NOTHING instead.
+        Two devices pushing the same versions is the common duplicate; the
+        vector catches it. A change beyond the vector can still be here
+        already (it came along in another site's batch, or before a gap was
+        filled); such rare duplicates are stored and skipped when reading.
         """
-        try:
-            with conn.transaction():
-                self._copy(conn, "p2p_changes (grp, site, dbv, ident, hlc, body)", rows, with_group=True)
-            return len(rows)
-        except psycopg.errors.UniqueViolation:
-            pass
-        if not self._staged:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS p2p_stage "
-                         "(site bytea, dbv bigint, ident bytea, hlc bigint, body bytea) ON COMMIT DELETE ROWS")
-            self._staged = True
-        self._copy(conn, "p2p_stage (site, dbv, ident, hlc, body)", rows, with_group=False)
-        with conn.cursor() as cur:
-            cur.execute("INSERT INTO p2p_changes (grp, site, dbv, ident, hlc, body) "
-                        "SELECT %s, site, dbv, ident, hlc, body FROM p2p_stage ON CONFLICT DO NOTHING",
-                        (self.group,))
-            return cur.rowcount
+        pack, blake2b = self._write_pack, hashlib.blake2b
+        rows = []
+        for c in changes:
+            if c.dbv <= vv[c.site]:
+                continue
+            head = pack([c.table, list(c.pk)])
+            cols = pack(list(c.columns))
+            ident = blake2b(head + cols + pack(c.hlc), digest_size=IDENT_LEN).digest()
+            rows.append((c.site, c.dbv, ident, c.hlc, b"\x95" + head[1:] + pack(c.alive) + cols + pack(list(c.values))))
+        return rows
 
-    def _copy(self, conn: psycopg.Connection, target: str, rows: list[tuple], *, with_group: bool) -> None:
+    def _copy(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
         """COPY rows in PostgreSQL's binary format, encoded here (psycopg's per-value path is 5x slower)."""
         i32, i64 = _I32.pack, _I64.pack
-        head = (b"\x00\x06" + i32(4) + i32(self.group)) if with_group else b"\x00\x05"
+        head = b"\x00\x06" + i32(4) + i32(self.group)
         chunk: list[bytes] = [_COPY_HEADER]
         with conn.cursor() as cur:
-            with cur.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as cp:
+            with cur.copy("COPY p2p_changes (grp, site, dbv, ident, hlc, body) FROM STDIN (FORMAT BINARY)") as cp:
                 for site, dbv, ident, hlc, body in rows:
                     chunk.append(b"".join((head, _SITE_LEN, site, _I64_LEN, i64(dbv), i32(len(ident)), ident,
                                            _I64_LEN, i64(hlc), i32(len(body)), body)))
@@ -266,9 +263,16 @@ class PostgresStore:
         with conn.cursor(name=f"p2p_read_{secrets.token_hex(4)}") as cur:
             cur.itersize = READ_CHUNK
             cur.execute("SELECT dbv, ident, hlc, body FROM p2p_changes "
-                        "WHERE grp = %s AND site = %s AND dbv > %s AND dbv <= %s ORDER BY dbv, ident",
+                        "WHERE grp = %s AND site = %s AND dbv > %s AND dbv <= %s ORDER BY dbv",
                         (self.group, site, lo, hi))
+            seen: set[bytes] = set()  # idents of the current dbv: a stored duplicate goes out once
             for dbv, ident, hlc, body in cur:
+                if dbv == cur_dbv:
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                else:
+                    seen = {ident}
                 if dbv != cur_dbv:
                     if changes and (len(changes) >= max_changes or size >= max_bytes):
                         yield Batch(tuple(changes), (Range(site, cut, cur_dbv),)), False
@@ -277,8 +281,7 @@ class PostgresStore:
                 elif len(changes) >= max_changes or size >= max_bytes:
                     yield Batch(tuple(changes), ()), True
                     changes, size = [], 0
-                table, pk, _hlc, columns = msgpack.unpackb(ident, use_list=False)
-                alive, values = msgpack.unpackb(body, use_list=False)
+                table, pk, alive, columns, values = msgpack.unpackb(body, use_list=False)
                 changes.append(Change(table, pk, site, dbv, hlc, alive, columns, values))
                 size += _size(values) + _size(pk)
         yield Batch(tuple(changes), (Range(site, cut, hi),)), False

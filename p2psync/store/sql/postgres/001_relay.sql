@@ -15,18 +15,20 @@ CREATE TABLE p2p_meta (
     value bytea NOT NULL
 );
 
--- One row per change: a change is identified within its origin write
--- (site, dbv) by its table, key, clock and columns (ident); body holds the
--- existence flag and the values.
+-- One row per change. ident is a 16-byte hash of the change's table, key,
+-- columns and clock, which name it within its origin write (site, dbv);
+-- body is msgpack [table, key, existence, columns, values]. No unique key:
+-- apply drops changes the vector says are already here, and the rare
+-- duplicate that gets past that is skipped when reading (see postgres.py).
 CREATE TABLE p2p_changes (
     grp   integer NOT NULL REFERENCES p2p_groups(id),
     site  bytea   NOT NULL,
     dbv   bigint  NOT NULL,
     ident bytea   NOT NULL,
     hlc   bigint  NOT NULL,
-    body  bytea   NOT NULL,
-    PRIMARY KEY (grp, site, dbv, ident)
+    body  bytea   NOT NULL
 );
+CREATE INDEX p2p_changes_by_origin ON p2p_changes (grp, site, dbv);
 
 -- What the relay holds: per group and origin site, every db version up to dbv.
 CREATE TABLE p2p_vv (
