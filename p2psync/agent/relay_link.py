@@ -62,14 +62,19 @@ class SealingWorker:
     async def version_vector(self):
         return await self.worker.version_vector()
 
-    async def apply(self, batch, *, validated: bool = False):
+    async def prepare(self, batch):
+        """The plaintext batch behind a sealed one, without what failed authentication (counted, logged)."""
         opened = await trio.to_thread.run_sync(self.sealer.open_batch, batch)
         if opened.rejected:
             self.state.rejected += opened.rejected
             self.state.last_rejection = opened.reasons[0]
             log.warning("rejected %d changes from the relay that failed authentication (%s); not applied",
                         opened.rejected, "; ".join(sorted(set(opened.reasons))))
-        return await self.worker.apply(opened.batch, validated=True)  # open_batch checked every change
+        return opened.batch
+
+    async def apply(self, batch, *, validated: bool = False):
+        """Apply a batch that ``prepare`` opened (and checked, change by change)."""
+        return await self.worker.apply(batch, validated=True)
 
     async def batches(self, vv, max_changes: int, max_bytes: int):
         async for batch, more in self.worker.batches(vv, max_changes, max_bytes):

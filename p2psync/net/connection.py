@@ -62,6 +62,10 @@ class Connection:
         self._window = trio.Event()
         self.last_seen = trio.current_time()
         self.peer_vv = None
+        # A worker may transform complete batches before they are applied
+        # (the relay session opens sealed changes); it runs in the reader,
+        # so it overlaps with the applier.
+        self._prepare = getattr(ctx.worker, "prepare", None)
 
     def _now(self) -> float:
         return trio.current_time()
@@ -138,8 +142,11 @@ class Connection:
                     raise PeerClosed("peer closed the connection")
                 t = type(ev)
                 if t is BatchEvent:
-                    # decoding the next batch overlaps with applying this one
-                    await applies.send((ev.seq, self.peer.received_part(ev.batch, ev.more)))
+                    # decoding (and preparing) the next batch overlaps with applying this one
+                    batch = self.peer.received_part(ev.batch, ev.more)
+                    if batch is not None and self._prepare is not None:
+                        batch = await self._prepare(batch)
+                    await applies.send((ev.seq, batch))
                 elif t is Ack:
                     self._window.set()
                 elif t is Ping:

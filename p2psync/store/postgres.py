@@ -48,6 +48,9 @@ LOCK_NAMESPACE = 0x7032_7073           # pg_advisory_xact_lock(namespace, group)
 MIGRATION_LOCK = (LOCK_NAMESPACE, 0)
 READ_CHUNK = 5000
 IDENT_LEN = 16                          # bytes of the hash naming a change within its (site, dbv)
+# msgpack pieces of a sealed change's body: ["~", [ref], nil, ["~"], [sealed]]
+_SEALED_HEAD = b"\x95\xa1~\x91"
+_SEALED_MID = b"\xc0\x91\xa1~\x91"
 _I32, _I64 = struct.Struct(">i"), struct.Struct(">q")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)   # signature, flags, header extension length
 _SITE_LEN, _I64_LEN = _I32.pack(16), _I32.pack(8)
@@ -213,12 +216,19 @@ class PostgresStore:
         already (it came along in another site's batch, or before a gap was
         filled); such rare duplicates are stored and skipped when reading.
         """
-        pack, blake2b = self._write_pack, hashlib.blake2b
+        pack, blake2b, i64 = self._write_pack, hashlib.blake2b, _I64.pack
         rows = []
         for c in changes:
             if c.dbv <= vv[c.site]:
                 continue
-            head = pack([c.table, list(c.pk)])
+            pk = c.pk
+            if (c.table == "~" and c.alive is None and c.columns == ("~",) and len(pk) == 1
+                    and type(pk[0]) is bytes and len(pk[0]) <= 32):
+                # a sealed change (the usual case at a relay): its row ref and clock name it
+                rows.append((c.site, c.dbv, pk[0] + i64(c.hlc), c.hlc,
+                             _SEALED_HEAD + pack(pk[0]) + _SEALED_MID + pack(c.values[0])))
+                continue
+            head = pack([c.table, list(pk)])
             cols = pack(list(c.columns))
             ident = blake2b(head + cols + pack(c.hlc), digest_size=IDENT_LEN).digest()
             rows.append((c.site, c.dbv, ident, c.hlc, b"\x95" + head[1:] + pack(c.alive) + cols + pack(list(c.values))))
