@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -91,6 +90,15 @@ class Device:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+def count_rows(db: Path, table: str = "t") -> int:
+    """Rows in ``table`` of the SQLite file ``db``, read with a connection of its own."""
+    c = sqlite3.connect(db)
+    try:
+        return c.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    finally:
+        c.close()
 
 
 def cpu_ticks(pid: int) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from .common import PY, ROOT, Device, cli, free_port, line, median
+from .common import PY, ROOT, Device, cli, count_rows, free_port, line, median
 
 SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);"
 ROWS = 100_000
@@ -156,14 +156,6 @@ def _relay_vv(dsn: str, site: bytes) -> int:
         return row[0] if row else 0
 
 
-def _count(db: Path) -> int:
-    c = sqlite3.connect(db)
-    try:
-        return c.execute("SELECT count(*) FROM t").fetchone()[0]
-    finally:
-        c.close()
-
-
 def run() -> None:
     admin, close = _server()
     relay = None
@@ -207,7 +199,7 @@ def run() -> None:
                 for b in newcomers:
                     t1 = time.perf_counter()
                     b.start(extra=["--relay", f"127.0.0.1:{port}"])
-                    while _count(b.db) < ROWS:
+                    while count_rows(b.db) < ROWS:
                         time.sleep(0.01)
                     catchups.append(time.perf_counter() - t1)
                     b.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sqlite3
 import tempfile
@@ -10,22 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-from p2psync.model import VersionVector
 from p2psync.store import SqliteStore
 
-from .common import Device, line, median
+from .common import Device, count_rows, line, median
 from .proxy import CountingProxy
 
 SCHEMA = "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL);"
 BULK = 100_000
-
-
-def _count(db: Path) -> int:
-    c = sqlite3.connect(db)
-    try:
-        return c.execute("SELECT count(*) FROM t").fetchone()[0]
-    finally:
-        c.close()
 
 
 def _raw_upsert_rate(base: Path, rows) -> float:
@@ -82,7 +72,7 @@ def bulk_and_latency(base: Path) -> None:
         app.execute("COMMIT")
         t_commit = time.perf_counter()
         seen_partial = False
-        while (n := _count(b.db)) < BULK:
+        while (n := count_rows(b.db)) < BULK:
             seen_partial |= 0 < n < BULK
             time.sleep(0.005)
         dt = time.perf_counter() - t0

@@ -38,9 +38,10 @@ from importlib import resources
 import msgpack
 import psycopg
 
-from ..model import Batch, Change, Range, VersionVector
+from ..model import Batch, Change, VersionVector
 from ..model.change import check_batch
 from .base import ApplyResult, HeldChange
+from .batching import site_batches
 from .errors import StoreError
 
 NOTIFY_CHANNEL = "p2psync_relay"
@@ -130,14 +131,6 @@ def find_group(conn: psycopg.Connection, ref: bytes) -> tuple[int, bytes] | None
     """(group id, token) of an admitted group, or None."""
     row = conn.execute("SELECT id, token FROM p2p_groups WHERE ref = %s", (ref,)).fetchone()
     return (row[0], bytes(row[1])) if row else None
-
-
-def _size(values) -> int:
-    n = 40 + 9 * len(values)
-    for v in values:
-        if type(v) is str or type(v) is bytes:
-            n += len(v)
-    return n
 
 
 class PostgresStore:
@@ -268,30 +261,23 @@ class PostgresStore:
             raise StoreError(f"could not read changes: {str(e).strip()}") from e
 
     def _site_batches(self, conn, site: bytes, lo: int, hi: int, max_changes: int, max_bytes: int):
-        changes: list[Change] = []
-        size, cut, cur_dbv = 0, lo, None
         with conn.cursor(name=f"p2p_read_{secrets.token_hex(4)}") as cur:
             cur.itersize = READ_CHUNK
             cur.execute("SELECT dbv, ident, hlc, body FROM p2p_changes "
                         "WHERE grp = %s AND site = %s AND dbv > %s AND dbv <= %s ORDER BY dbv",
                         (self.group, site, lo, hi))
-            seen: set[bytes] = set()  # idents of the current dbv: a stored duplicate goes out once
-            for dbv, ident, hlc, body in cur:
-                if dbv == cur_dbv:
-                    if ident in seen:
-                        continue
-                    seen.add(ident)
-                else:
-                    seen = {ident}
-                if dbv != cur_dbv:
-                    if changes and (len(changes) >= max_changes or size >= max_bytes):
-                        yield Batch(tuple(changes), (Range(site, cut, cur_dbv),)), False
-                        changes, size, cut = [], 0, cur_dbv
-                    cur_dbv = dbv
-                elif len(changes) >= max_changes or size >= max_bytes:
-                    yield Batch(tuple(changes), ()), True
-                    changes, size = [], 0
-                table, pk, alive, columns, values = msgpack.unpackb(body, use_list=False)
-                changes.append(Change(table, pk, site, dbv, hlc, alive, columns, values))
-                size += _size(values) + _size(pk)
-        yield Batch(tuple(changes), (Range(site, cut, hi),)), False
+            yield from site_batches(site, lo, hi, self._versions(cur, site), max_changes, max_bytes)
+
+    @staticmethod
+    def _versions(rows, site: bytes):
+        """(dbv, (change,)) per stored row, a duplicate of one already read for that dbv skipped."""
+        seen: set[bytes] = set()
+        cur_dbv = None
+        for dbv, ident, hlc, body in rows:
+            if dbv != cur_dbv:
+                seen, cur_dbv = set(), dbv
+            if ident in seen:
+                continue
+            seen.add(ident)
+            table, pk, alive, columns, values = msgpack.unpackb(body, use_list=False)
+            yield dbv, (Change(table, pk, site, dbv, hlc, alive, columns, values),)

@@ -29,18 +29,10 @@ from collections.abc import Iterator
 
 import apsw
 
-from ..model import Batch, Change, Range, VersionVector
+from ..model import Batch, Change, VersionVector
+from .batching import site_batches
 from .ddl import TableSpec, q
 from .merging import SiteMap
-
-
-def _size(values) -> int:
-    """Roughly how many bytes ``values`` take on the wire."""
-    n = 40 + 9 * len(values)
-    for v in values:
-        if type(v) is str or type(v) is bytes:
-            n += len(v)
-    return n
 
 
 class ChangeReader:
@@ -156,21 +148,7 @@ class ChangeReader:
             streams = [self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()] if s_idx is not None else []
             streams.append((c.dbv, None, c, None, None) for c in held)
             entries = heapq.merge(*streams, key=lambda e: e[0])
-            changes: list[Change] = []
-            size = 0
-            cut = lo          # range start of the batch being built
-            cur = None        # dbv of the group being read
-            for dbv, table, pk, regs, base in entries:
-                if dbv != cur:
-                    if changes and (len(changes) >= max_changes or size >= max_bytes):
-                        yield Batch(tuple(changes), (Range(site, cut, cur),)), False
-                        changes, size, cut = [], 0, cur
-                    cur = dbv
-                elif len(changes) >= max_changes or size >= max_bytes:
-                    yield Batch(tuple(changes), ()), True
-                    changes, size = [], 0
-                # a held change comes as (dbv, None, change, None, None)
-                for c in [pk] if table is None else self._changes(site, s_idx, dbv, table, pk, regs, base):
-                    changes.append(c)
-                    size += _size(c.values) + _size(c.pk)
-            yield Batch(tuple(changes), (Range(site, cut, hi),)), False
+            # a held change comes as (dbv, None, change, None, None)
+            versions = ((dbv, [pk] if table is None else self._changes(site, s_idx, dbv, table, pk, regs, base))
+                        for dbv, table, pk, regs, base in entries)
+            yield from site_batches(site, lo, hi, versions, max_changes, max_bytes)
