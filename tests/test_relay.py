@@ -12,7 +12,6 @@ import re
 import socket
 import time
 
-import msgpack
 import psycopg
 import pytest
 
@@ -195,13 +194,12 @@ def test_changes_altered_in_postgres_are_rejected_and_never_applied(lab, relays,
             by_dbv.setdefault(row[1], []).append(row)
         # db version 2: flip one byte of its ciphertext
         site, dbv, ident, body = by_dbv[before + 2][0]
-        table, pk, alive, columns, values = msgpack.unpackb(body)  # a sealed change: values = [ciphertext]
-        blob = bytearray(values[0])
+        blob = bytearray(body)  # 0x00 and the sealed bytes (see p2psync/store/postgres.py)
         blob[len(blob) // 2] ^= 0x01
         pg.execute("UPDATE p2p_changes SET body = %s WHERE site = %s AND dbv = %s AND ident = %s",
-                   (msgpack.packb([table, pk, alive, columns, [bytes(blob)]], use_bin_type=True), site, dbv, ident))
+                   (bytes(blob), site, dbv, ident))
         # db versions 3 and 4: swap their rows' refs (each ciphertext now sits under the other row's name)
-        (s3, d3, i3, b3), (s4, d4, i4, b4) = by_dbv[before + 3][0], by_dbv[before + 4][0]
+        (s3, d3, _, b3), (s4, d4, _, b4) = by_dbv[before + 3][0], by_dbv[before + 4][0]
         pg.execute("UPDATE p2p_changes SET body = %s WHERE site = %s AND dbv = %s", (b4, s3, d3))
         pg.execute("UPDATE p2p_changes SET body = %s WHERE site = %s AND dbv = %s", (b3, s4, d4))
     lab.start(b, peers=[], relay=r.address)

@@ -49,9 +49,9 @@ LOCK_NAMESPACE = 0x7032_7073           # pg_advisory_xact_lock(namespace, group)
 MIGRATION_LOCK = (LOCK_NAMESPACE, 0)
 READ_CHUNK = 5000
 IDENT_LEN = 16                          # bytes of the hash naming a change within its (site, dbv)
-# msgpack pieces of a sealed change's body: ["~", [ref], nil, ["~"], [sealed]]
-_SEALED_HEAD = b"\x95\xa1~\x91"
-_SEALED_MID = b"\xc0\x91\xa1~\x91"
+# A sealed change is stored as ident = row ref + clock, body = SEALED_MARK + sealed bytes
+# (any other change's body is a msgpack array, which never starts with this byte).
+SEALED_MARK = b"\x00"
 _I32, _I64 = struct.Struct(">i"), struct.Struct(">q")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)   # signature, flags, header extension length
 _SITE_LEN, _I64_LEN = _I32.pack(16), _I32.pack(8)
@@ -210,16 +210,16 @@ class PostgresStore:
         filled); such rare duplicates are stored and skipped when reading.
         """
         pack, blake2b, i64 = self._write_pack, hashlib.blake2b, _I64.pack
+        have = dict(vv.items())
         rows = []
         for c in changes:
-            if c.dbv <= vv[c.site]:
+            if c.dbv <= have.get(c.site, 0):
                 continue
             pk = c.pk
             if (c.table == "~" and c.alive is None and c.columns == ("~",) and len(pk) == 1
                     and type(pk[0]) is bytes and len(pk[0]) <= 32):
                 # a sealed change (the usual case at a relay): its row ref and clock name it
-                rows.append((c.site, c.dbv, pk[0] + i64(c.hlc), c.hlc,
-                             _SEALED_HEAD + pack(pk[0]) + _SEALED_MID + pack(c.values[0])))
+                rows.append((c.site, c.dbv, pk[0] + i64(c.hlc), c.hlc, SEALED_MARK + c.values[0]))
                 continue
             head = pack([c.table, list(pk)])
             cols = pack(list(c.columns))
@@ -279,5 +279,8 @@ class PostgresStore:
             if ident in seen:
                 continue
             seen.add(ident)
+            if body[:1] == SEALED_MARK:
+                yield dbv, (Change("~", (ident[:-8],), site, dbv, hlc, None, ("~",), (body[1:],)),)
+                continue
             table, pk, alive, columns, values = msgpack.unpackb(body, use_list=False)
             yield dbv, (Change(table, pk, site, dbv, hlc, alive, columns, values),)

@@ -15,9 +15,11 @@ CREATE TABLE p2p_meta (
     value bytea NOT NULL
 );
 
--- One row per change. ident is a 16-byte hash of the change's table, key,
--- columns and clock, which name it within its origin write (site, dbv);
--- body is msgpack [table, key, existence, columns, values]. No unique key:
+-- One row per change. ident names it within its origin write (site, dbv):
+-- for a sealed change (see p2psync/sync/sealing.py) its row ref and clock,
+-- and body is 0x00 followed by the sealed bytes; for any other change a
+-- 16-byte hash of its table, key, columns and clock, and body is msgpack
+-- [table, key, existence, columns, values]. No unique key:
 -- apply drops changes the vector says are already here, and the rare
 -- duplicate that gets past that is skipped when reading (see postgres.py).
 CREATE TABLE p2p_changes (
