@@ -292,3 +292,80 @@ def test_the_relay_refuses_strangers_and_garbage(relays, pg_dsn, lab):
                what="the relay to log both refusals")
     lab.start(a, peers=[], relay=r.address)
     wait_relay_connected(a)
+
+
+def _member_session(dev, r: RelayProcess, payload: bytes, until: bytes | None = None) -> bytes:
+    """An authenticated session to the relay as a member of ``dev``'s group: send ``payload``,
+    read until the relay closes (or until ``until`` shows up in what it sent)."""
+    import trio
+
+    from p2psync.identity import load_device
+    from p2psync.net.noise_stream import NoiseStream
+    from p2psync.noise import agent_handshake
+    from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
+
+    device = load_device(dev.home)
+    token = device.group.relay_token()
+    ref = group_ref(token)
+
+    async def session() -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", r.port)
+        await stream.send_all(preamble(ref))
+        ns = NoiseStream(stream, agent_handshake(True, device.static_private, token, relay_prologue(ref)))
+        data = bytearray()
+        with trio.fail_after(20):
+            await ns.do_handshake()
+            await ns.send_all(payload)
+            while True:
+                try:
+                    chunk = await ns.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+                if until is not None and until in data:
+                    break
+        await ns.aclose()
+        return bytes(data)
+
+    return trio.run(session)
+
+
+def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_dsn):
+    import os
+
+    from p2psync.model import Batch, Change, Range, VersionVector
+    from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, FrameDecoder, Hello, encode_event
+
+    a, b = lab.devices(2)
+    r = relays(pg_dsn, [token_of(a)])
+    lab.start(a, peers=[], relay=r.address)
+    lab.start(b, peers=[], relay=r.address)
+    wait_relay_connected(a, b)
+
+    def events(data: bytes) -> list:
+        dec = FrameDecoder()
+        dec.feed(data)
+        out = []
+        while (ev := dec.next_frame()) is not None:
+            out.append(ev)
+        return out
+
+    site = os.urandom(16)
+    hello = encode_event(Hello(PROTOCOL_VERSION, site, b"", int(time.time() * 1000), VersionVector()))
+    # garbage after a valid hello: the relay answers with an Error and closes this session only
+    received = events(_member_session(a, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
+    assert any(type(e) is Error for e in received), received
+    # a buggy member pushing an unsealed change: stored (the relay cannot tell), rejected by every device
+    plain = Change("items", (77,), site, 1, (int(time.time() * 1000) << 16), True, ("name",), ("unsealed",))
+    _member_session(a, r, hello + encode_event(BatchEvent(1, Batch((plain,), (Range(site, 0, 1),)), False)),
+                    until=encode_event(Ack(1)))
+    wait_until(lambda: (relay_peer(b) or {}).get("rejected_changes", 0) >= 1, what="B to reject the unsealed change")
+    assert b.row(77) is None and a.row(77) is None
+    assert "not a sealed change" in (relay_peer(b) or {}).get("last_rejection", "")
+    # the relay and both devices carry on
+    a.execute("INSERT INTO items(id, name) VALUES (1, 'still syncing')")
+    wait_until(lambda: b.row(1) is not None, what="sync through the relay to continue")
+    assert r.running
+    assert "protocol error" in r.log()
