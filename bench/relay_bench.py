@@ -60,7 +60,7 @@ def _raw_copy_rate(dsn: str) -> float:
         return ROWS / (time.perf_counter() - t0)
 
 
-BATCH = 10_000
+BATCH = 20_000
 
 
 def _relay_side_ingest(dsn: str) -> float:

@@ -32,9 +32,10 @@ log = logging.getLogger("p2psync.relay")
 
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
-# Batches to and from a relay are bigger than between devices: each one costs
-# the relay a Postgres transaction (with its fsync), so fewer is faster.
-RELAY_BATCH_CHANGES = 10_000
+# Batches to a relay are bigger than between devices: each one costs the relay
+# a Postgres transaction (with its fsync), so fewer is faster. (Batches from
+# the relay stay small: each one is a SQLite transaction here.)
+RELAY_BATCH_CHANGES = 20_000
 RELAY_BATCH_BYTES = 4 << 20
 PART_CHANGES = 20_000          # sealed changes per BatchEvent part
 PART_BYTES = 4 << 20           # sealed bytes per BatchEvent part (frames may be 16 MiB)
@@ -140,7 +141,7 @@ async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> 
 
 
 async def _run_session(agent, ns: NoiseStream, address: str, state: RelayState) -> None:
-    settings = replace(agent.settings, max_changes=RELAY_BATCH_CHANGES, max_bytes=RELAY_BATCH_BYTES)
+    settings = replace(agent.settings, max_changes=RELAY_BATCH_CHANGES, max_bytes=RELAY_BATCH_BYTES)  # what we send
     conn = Connection(ns, RelayContext(agent, state), f"relay {address}", settings)
     state.conn, state.state, state.last_error, state.since = conn, "connected", None, trio.current_time()
     log.info("connected to relay %s", address)

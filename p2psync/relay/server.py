@@ -84,8 +84,10 @@ class Relay:
 
     def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None):
         self.dsn, self.listen = dsn, listen
-        # Big batches: each one the relay stores costs a Postgres transaction.
-        self.settings = settings or SyncSettings(max_changes=10_000, max_bytes=4 << 20)
+        # What the relay sends keeps the device default (2,000 changes): a device
+        # applies each batch in one SQLite transaction and must not hold the
+        # write lock for long. Devices send the relay bigger batches.
+        self.settings = settings or SyncSettings()
         self.groups: dict[bytes, GroupState] = {}
         self.by_id: dict[int, GroupState] = {}
         self.counters = {"connections": 0, "refused_unknown_group": 0, "handshake_failures": 0,
