@@ -6,6 +6,11 @@ run on loopback with mDNS on 127.0.0.1. Every second a todo is written on one
 device with the stdlib sqlite3 module, as an application would; the screen
 shows each device's table and its peers, refreshed live. Ctrl-C stops the
 agents (SIGTERM), removes the virtual LAN and exits 0.
+
+With --relay the devices never meet: mDNS is off, no device knows another's
+address, and everything goes through a `p2psync relay` process backed by a
+private Postgres cluster started for the demo (the server binaries of the
+Debian package postgresql are needed; scripts/setup-env installs them as root).
 """
 
 from __future__ import annotations
@@ -68,11 +73,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     ap.add_argument("--loopback", action="store_true", help="do not use network namespaces even as root")
+    ap.add_argument("--relay", action="store_true",
+                    help="devices that never meet, syncing only through a relay backed by Postgres")
     args = ap.parse_args()
-    use_netns = (os.geteuid() == 0 and shutil.which("ip") is not None and not args.loopback)
+    use_netns = (os.geteuid() == 0 and shutil.which("ip") is not None and not args.loopback and not args.relay)
     base = Path(tempfile.mkdtemp(prefix="p2psync-demo-"))
     lab = None
     procs: list[subprocess.Popen] = []
+    pg = None
     try:
         lab = Lab(use_netns)
         homes, dbs = [], []
@@ -92,14 +100,20 @@ def main() -> int:
             p2p(home, "track", "todo")
             homes.append(home)
             dbs.append(db)
-        where = "a virtual LAN (3 network namespaces, mDNS across a bridge)" if use_netns else \
-            "loopback (mDNS on 127.0.0.1)"
+        extra: list[str] = []
+        if args.relay:
+            pg, relay = start_relay(base, homes[0], procs)
+            extra = ["--no-mdns", "--relay", relay]
+            where = f"loopback, no mDNS, no peer addresses: only a relay at {relay} (Postgres {pg.port})"
+        else:
+            where = "a virtual LAN (3 network namespaces, mDNS across a bridge)" if use_netns else \
+                "loopback (mDNS on 127.0.0.1)"
         print(f"p2psync demo: 3 devices on {where}; files in {base}")
         for i, home in enumerate(homes):
             host, port = lab.address(i)
             log = open(home / "agent.log", "wb")
             procs.append(subprocess.Popen(lab.argv(i, [PY, "-m", "p2psync", "--home", str(home), "run",
-                                                       "--listen", f"{host}:{port}"]),
+                                                       "--listen", f"{host}:{port}", *extra]),
                                           stdout=log, stderr=log))
         return loop(homes, dbs, procs, args.duration)
     except KeyboardInterrupt:
@@ -115,7 +129,40 @@ def main() -> int:
                 p.kill()
         if lab:
             lab.close()
+        if pg is not None:
+            pg.close()
         print(f"\nagents stopped; logs and databases are in {base}")
+
+
+def start_relay(base: Path, home: Path, procs: list) -> tuple:
+    """A private Postgres cluster and a relay admitting the demo's group; (server, relay address)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg_fixtures import PgServer, find_pg_bindir  # the test suite's private-cluster helper
+
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise SystemExit("--relay needs the Postgres server binaries (Debian package postgresql)")
+    pg = PgServer.start_private(bindir, fsync=True)
+    try:
+        dsn = pg.create_database()
+        token = p2p(home, "relay-token").stdout.strip()
+        port = free_port()
+        log = open(base / "relay.log", "wb")
+        procs.append(subprocess.Popen([PY, "-m", "p2psync", "relay", "--dsn", dsn, "--listen", f"127.0.0.1:{port}",
+                                       "--allow-group", token], stdout=log, stderr=log))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or procs[-1].poll() is not None:
+                    raise SystemExit(f"the relay did not start; see {base / 'relay.log'}")
+                time.sleep(0.1)
+    except BaseException:
+        pg.close()
+        raise
+    return pg, f"127.0.0.1:{port}"
 
 
 def status(home: Path) -> dict | None:
@@ -166,11 +213,12 @@ def render(homes, dbs, writes: int) -> str:
         st = status(home)
         peers = []
         for p in (st or {}).get("peers", []):
+            label = ("relay " if p.get("relay") else "") + p["address"]
             if p["state"] == "connected":
-                peers.append(f"{p['address']} connected (seen {p['last_seen_s_ago']:.0f}s ago, "
+                peers.append(f"{label} connected (seen {p['last_seen_s_ago']:.0f}s ago, "
                              f"owes {p['they_owe']}/{p['we_owe']})")
             else:
-                peers.append(f"{p['address']} {p['state']}")
+                peers.append(f"{label} {p['state']}")
         out.append(f"[{name}] {total[0]} todos, {total[1] or 0} done; peers: "
                    + ("; ".join(peers) if peers else "(searching...)"))
         for title, done, by in rows:
