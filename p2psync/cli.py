@@ -172,7 +172,12 @@ def cmd_release(args) -> int:
 
 def cmd_relay(args) -> int:
     from .protocol.relay_preamble import group_ref
-    from .relay.server import run_relay
+
+    try:
+        from .relay.server import run_relay
+    except ImportError as e:
+        raise RuntimeError(f"the relay needs psycopg ({e}); install p2psync with its relay extra: "
+                           f"pip install 'p2psync[relay]'") from e
 
     if not args.dsn:
         raise UsageError("relay needs --dsn (or P2PSYNC_RELAY_DSN), e.g. --dsn 'host=127.0.0.1 dbname=p2psync user=relay'")

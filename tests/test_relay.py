@@ -369,3 +369,20 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
     wait_until(lambda: b.row(1) is not None, what="sync through the relay to continue")
     assert r.running
     assert "protocol error" in r.log()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    ([], 2, "relay needs --dsn"),
+    (["--dsn", "host=127.0.0.1 dbname=x", "--allow-group", "abc"], 2, "a relay token is 64 hex digits"),
+    (["--dsn", "host=127.0.0.1 port=1 dbname=x user=x"], 1, "cannot connect to Postgres"),
+])
+def test_relay_command_errors_are_clear(args, code, message, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "P2PSYNC_RELAY_DSN"}
+    r = subprocess.run([sys.executable, "-m", "p2psync", "relay", "--listen", "127.0.0.1:7999", *args],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == code and message in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
