@@ -38,7 +38,7 @@ def test_the_demo_shows_every_device_with_the_same_todos(mode):
     screen = last_screen(out)
     assert set(screen) == {"laptop", "desktop", "tablet"}, out[-2000:]
     counts = {n for n, _ in screen.values()}
-    assert max(counts) >= 3 and max(counts) - min(counts) <= 1, screen  # at most the last write in flight
+    assert max(counts) >= 2 and max(counts) - min(counts) <= 1, screen  # at most the last write in flight
     for name, (_, peers) in screen.items():
         assert "connected" in peers, f"{name}: {peers}"
         if mode == "relay":
