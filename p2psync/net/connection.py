@@ -66,6 +66,7 @@ class Connection:
         # (the relay session opens sealed changes); it runs in the reader,
         # so it overlaps with the applier.
         self._prepare = getattr(ctx.worker, "prepare", None)
+        self._peer_eof = False
 
     def _now(self) -> float:
         return trio.current_time()
@@ -107,6 +108,8 @@ class Connection:
         try:
             await task()
         except Exception as e:
+            if self._peer_eof and isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                return  # the peer is gone; the applier ends the connection once it has drained
             if self._failure is None:
                 self._failure = e
             scope.cancel()
@@ -119,49 +122,67 @@ class Connection:
                 pass
 
     async def _applier(self, applies) -> None:
-        """Apply complete batches in arrival order and ack each part once it is durable."""
+        """Apply complete batches in arrival order and ack each part once it is durable.
+
+        When the peer closes the connection, the reader closes the channel
+        and what it had already received is still applied before the
+        connection ends (the peer may have sent its last batch just before
+        closing); acks that can no longer be delivered are dropped.
+        ``_peer_eof`` marks that state: the peer sent EOF, or a write to it
+        failed; from then on a broken stream only stops the task that hit it.
+        """
         ctx = self.ctx
-        async for seq, batch in applies:
-            if batch is not None:
-                result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
-                ctx.on_applied(self, batch, result)
-                log.debug("applied %d changes from %s", len(batch.changes), self.label)
-            await self._write(Ack(seq))
+        async with applies:
+            async for seq, batch in applies:
+                if batch is not None:
+                    result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
+                    ctx.on_applied(self, batch, result)
+                    log.debug("applied %d changes from %s", len(batch.changes), self.label)
+                try:
+                    await self._write(Ack(seq))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The peer hung up. Keep applying what the reader already has; it
+                    # ends the connection when it reaches the end of the stream.
+                    self._peer_eof = True
+        raise PeerClosed("peer closed the connection")
 
     async def _reader(self, applies) -> None:
+        """Read frames, act on events, queue batches for the applier (closing the queue when done)."""
         session = self.session
-        while True:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-            session.receive_data(data, self._now())
-            self.last_seen = self._now()
+        with applies:
             while True:
-                ev = session.next_event()
-                if ev is NEED_DATA:
-                    break
-                if ev is CLOSED:
-                    raise PeerClosed("peer closed the connection")
-                t = type(ev)
-                if t is BatchEvent:
-                    # decoding (and preparing) the next batch overlaps with applying this one
-                    batch = self.peer.received_part(ev.batch, ev.more)
-                    if batch is not None and self._prepare is not None:
-                        batch = await self._prepare(batch)
-                    await applies.send((ev.seq, batch))
-                elif t is Ack:
-                    self._window.set()
-                elif t is Ping:
-                    await self._write(ev.response())
-                elif t is Hello:
-                    self.peer_site = ev.site_id
-                    self.peer_vv = ev.vv
-                    self.peer = PeerSync(ev.vv)
-                    if self.ctx.check_schema and ev.schema != self.ctx.schema:
-                        log.warning("peer %s tracks a different schema; changes to tables or columns "
-                                    "unknown here will be held until they are tracked", self.label)
-                    self.ctx.on_hello(self, ev)
-                    self._hello.set()
-                elif t is Error:
-                    raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                session.receive_data(data, self._now())
+                self.last_seen = self._now()
+                while True:
+                    ev = session.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        self._peer_eof = True
+                        return  # closing the queue: the applier finishes it, then ends the connection
+                    t = type(ev)
+                    if t is BatchEvent:
+                        # decoding (and preparing) the next batch overlaps with applying this one
+                        batch = self.peer.received_part(ev.batch, ev.more)
+                        if batch is not None and self._prepare is not None:
+                            batch = await self._prepare(batch)
+                        await applies.send((ev.seq, batch))
+                    elif t is Ack:
+                        self._window.set()
+                    elif t is Ping:
+                        await self._write(ev.response())
+                    elif t is Hello:
+                        self.peer_site = ev.site_id
+                        self.peer_vv = ev.vv
+                        self.peer = PeerSync(ev.vv)
+                        if self.ctx.check_schema and ev.schema != self.ctx.schema:
+                            log.warning("peer %s tracks a different schema; changes to tables or columns "
+                                        "unknown here will be held until they are tracked", self.label)
+                        self.ctx.on_hello(self, ev)
+                        self._hello.set()
+                    elif t is Error:
+                        raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
 
     async def _sender(self) -> None:
         await self._hello.wait()
