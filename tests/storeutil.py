@@ -202,3 +202,28 @@ def app():
     a = App()
     yield a
     a.close()
+
+
+ITEMS = """
+CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, note);
+"""
+
+
+@pytest.fixture
+def make(tmp_path, app):
+    """make(name, site, schema, tables) -> (store, db path): a database with ``schema``, ``tables`` tracked."""
+    opened = []
+
+    def _make(name: str, site: bytes, schema: str = ITEMS, tables=("items",)):
+        path = tmp_path / f"{name}.db"
+        app.script(path, schema)
+        store = SqliteStore(path, site)
+        for t in tables:
+            store.track(t)
+        opened.append((store, path))
+        return store, path
+
+    yield _make
+    for store, path in opened:
+        app.disconnect(path)
+        store.close()

@@ -24,34 +24,9 @@ from p2psync.model import Batch, Change, Range, VersionVector
 from p2psync.model.change import MAX_COLUMNS, MAX_VALUE_BYTES
 from p2psync.model.hlc import pack
 from p2psync.store import NotTrackable, SqliteStore, StoreError
-from storeutil import App, app, now_ms, dump, groups, ident, join, table_rows, transfer
+from storeutil import ITEMS, App, app, dump, groups, ident, join, make, now_ms, table_rows, transfer  # noqa: F401 (fixtures)
 
 SA, SB, SC, SX = (bytes([n]) * 16 for n in (0xA1, 0xB2, 0xC3, 0xEE))
-
-ITEMS = """
-CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, note);
-"""
-
-
-
-@pytest.fixture
-def make(tmp_path, app):
-    """make(name, site, schema, tables) -> (store, db path): a database with ``schema``, ``tables`` tracked."""
-    opened = []
-
-    def _make(name: str, site: bytes, schema: str = ITEMS, tables=("items",)):
-        path = tmp_path / f"{name}.db"
-        app.script(path, schema)
-        store = SqliteStore(path, site)
-        for t in tables:
-            store.track(t)
-        opened.append((store, path))
-        return store, path
-
-    yield _make
-    for store, path in opened:
-        app.disconnect(path)
-        store.close()
 
 
 def items(app, db):

@@ -20,10 +20,8 @@ import os
 import pytest
 
 from p2psync.model import Batch, Change, Range, VersionVector
-from p2psync.store import SqliteStore, StoreError
-from storeutil import app, join, now_ms, table_rows  # noqa: F401 (app is a fixture)
-
-ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, price REAL, data BLOB, note);"
+from p2psync.store import StoreError
+from storeutil import app, join, make, now_ms, table_rows  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -32,25 +30,21 @@ def kind(request):
 
 
 @pytest.fixture
-def make_store(kind, tmp_path, app, request):  # noqa: F811
+def make_store(kind, make, request):  # noqa: F811
     """make_store() -> a new empty store of the kind under test (a new site)."""
-    opened = []
+    opened = []  # Postgres stores; ``make`` closes the SQLite ones
 
     def _make():
         site = os.urandom(16)
         if kind == "sqlite":
-            path = tmp_path / f"under-test-{len(opened)}.db"
-            app.script(path, ITEMS)
-            s = SqliteStore(path, site)
-            s.track("items")
-        else:
-            from p2psync.store.postgres import PostgresStore, admit_group, connect, migrate
+            return make(f"under-test-{site.hex()[:8]}", site)[0]
+        from p2psync.store.postgres import PostgresStore, admit_group, connect, migrate
 
-            dsn = request.getfixturevalue("pg_dsn")
-            with connect(dsn) as c:
-                migrate(c)
-                gid = admit_group(c, os.urandom(16), os.urandom(32))
-            s = PostgresStore(dsn, gid, site)
+        dsn = request.getfixturevalue("pg_dsn")
+        with connect(dsn) as c:
+            migrate(c)
+            gid = admit_group(c, os.urandom(16), os.urandom(32))
+        s = PostgresStore(dsn, gid, site)
         opened.append(s)
         return s
 
@@ -60,22 +54,9 @@ def make_store(kind, tmp_path, app, request):  # noqa: F811
 
 
 @pytest.fixture
-def devices(tmp_path, app):  # noqa: F811
+def devices(make):  # noqa: F811
     """devices(name) -> (SqliteStore, db path) of a new device with the items table tracked."""
-    opened = []
-
-    def _make(name: str):
-        path = tmp_path / f"{name}.db"
-        app.script(path, ITEMS)
-        s = SqliteStore(path, os.urandom(16))
-        s.track("items")
-        opened.append((s, path))
-        return s, path
-
-    yield _make
-    for s, path in opened:
-        app.disconnect(path)
-        s.close()
+    return lambda name: make(name, os.urandom(16))
 
 
 def feed(src, dst, max_changes: int = 1000, max_bytes: int = 1 << 20) -> list[list[Batch]]:

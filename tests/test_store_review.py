@@ -9,29 +9,10 @@ import pytest
 
 from p2psync.model import VersionVector
 from p2psync.store import SqliteStore
-from storeutil import App, app, now_ms, dump, table_rows, transfer
+from storeutil import App, app, dump, make, now_ms, table_rows, transfer  # noqa: F401 (fixtures)
 
 SA, SB, SC = (bytes([n]) * 16 for n in (0xA1, 0xB2, 0xC3))
 
-
-
-@pytest.fixture
-def make(tmp_path, app):
-    opened = []
-
-    def _make(name, site, schema, tables):
-        path = tmp_path / f"{name}.db"
-        app.script(path, schema)
-        store = SqliteStore(path, site)
-        for t in tables:
-            store.track(t)
-        opened.append((store, path))
-        return store, path
-
-    yield _make
-    for store, path in opened:
-        app.disconnect(path)
-        store.close()
 
 
 def exchange(a, b):
