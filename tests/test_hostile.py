@@ -27,13 +27,15 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+import wire
 from agents import Lab, wait_until
+from wire import events_in
 from p2psync.agent.agent import prologue
 from p2psync.identity import load_device
 from p2psync.model import Batch, VersionVector
 from p2psync.net.noise_stream import NoiseStream
 from p2psync.noise import agent_handshake
-from p2psync.protocol import PROTOCOL_VERSION, BatchEvent, Error, FrameDecoder, Hello, encode_event
+from p2psync.protocol import PROTOCOL_VERSION, BatchEvent, Error, Hello, encode_event
 
 HANDSHAKE_TIMEOUT = 2
 CLOSE_WITHIN = 8.0           # generous: how long a test waits for the agent to close a connection
@@ -127,17 +129,7 @@ async def connect(dev) -> trio.SocketStream:
 
 async def until_closed(stream, timeout: float = CLOSE_WITHIN) -> bytes:
     """Everything the agent sends until it closes the connection (EOF or reset)."""
-    data = bytearray()
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return bytes(data)
+    return await wire.until_closed(stream, timeout)
 
 
 async def authenticated(target, psk: bytes | None = None) -> NoiseStream:
@@ -147,15 +139,6 @@ async def authenticated(target, psk: bytes | None = None) -> NoiseStream:
     with trio.fail_after(CLOSE_WITHIN):
         await ns.do_handshake()
     return ns
-
-
-def events_in(data: bytes) -> list:
-    dec = FrameDecoder()
-    dec.feed(data)
-    out = []
-    while (ev := dec.next_frame()) is not None:
-        out.append(ev)
-    return out
 
 
 def frame(obj) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 
 from agents import Lab, wait_until
 from relays import RelayProcess
+from wire import events_in, until_closed
 
 MARKER = "zebra-marker-7c1f"
 
@@ -150,28 +151,43 @@ def _relay_log_count(r: RelayProcess, word: str) -> int:
     return sum(1 for line in r.log().splitlines() if "WARNING" in line and word in line)
 
 
-def _connect_as(dev, r: RelayProcess, other_token: str) -> None:
-    """Open a session to the relay with ``dev``'s own key but another group's ref: the handshake must fail."""
+async def _relay_handshake(dev, r: RelayProcess, ref: bytes | None = None):
+    """A Noise session with the relay, as ``dev`` (its key and relay token), naming group ``ref``
+    (default: ``dev``'s own group)."""
     import trio
 
     from p2psync.identity import load_device
-    from p2psync.net.noise_stream import HandshakeFailed, NoiseStream
+    from p2psync.net.noise_stream import NoiseStream
     from p2psync.noise import agent_handshake
     from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
 
     device = load_device(dev.home)
-    ref = group_ref(bytes.fromhex(other_token))
+    token = device.group.relay_token()
+    ref = ref or group_ref(token)
+    stream = await trio.open_tcp_stream("127.0.0.1", r.port)
+    await stream.send_all(preamble(ref))
+    ns = NoiseStream(stream, agent_handshake(True, device.static_private, token, relay_prologue(ref)))
+    try:
+        with trio.fail_after(15):
+            await ns.do_handshake()
+    except BaseException:
+        await ns.aclose()
+        raise
+    return ns
+
+
+def _connect_as(dev, r: RelayProcess, other_token: str) -> None:
+    """Open a session to the relay with ``dev``'s own key but another group's ref: the handshake must fail."""
+    import trio
+
+    from p2psync.net.noise_stream import HandshakeFailed
+    from p2psync.protocol.relay_preamble import group_ref
 
     async def attempt():
-        stream = await trio.open_tcp_stream("127.0.0.1", r.port)
-        await stream.send_all(preamble(ref))
-        ns = NoiseStream(stream, agent_handshake(True, device.static_private, device.group.relay_token(),
-                                                 relay_prologue(ref)))
         with pytest.raises((HandshakeFailed, trio.BrokenResourceError)):
+            ns = await _relay_handshake(dev, r, group_ref(bytes.fromhex(other_token)))
             with trio.fail_after(15):
-                await ns.do_handshake()
                 await ns.receive_some(1)  # the responder's failure shows up as a closed stream
-        await ns.aclose()
 
     trio.run(attempt)
 
@@ -299,35 +315,12 @@ def _member_session(dev, r: RelayProcess, payload: bytes, until: bytes | None = 
     read until the relay closes (or until ``until`` shows up in what it sent)."""
     import trio
 
-    from p2psync.identity import load_device
-    from p2psync.net.noise_stream import NoiseStream
-    from p2psync.noise import agent_handshake
-    from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
-
-    device = load_device(dev.home)
-    token = device.group.relay_token()
-    ref = group_ref(token)
-
     async def session() -> bytes:
-        stream = await trio.open_tcp_stream("127.0.0.1", r.port)
-        await stream.send_all(preamble(ref))
-        ns = NoiseStream(stream, agent_handshake(True, device.static_private, token, relay_prologue(ref)))
-        data = bytearray()
-        with trio.fail_after(20):
-            await ns.do_handshake()
-            await ns.send_all(payload)
-            while True:
-                try:
-                    chunk = await ns.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not chunk:
-                    break
-                data += chunk
-                if until is not None and until in data:
-                    break
+        ns = await _relay_handshake(dev, r)
+        await ns.send_all(payload)
+        data = await until_closed(ns, 20, until)
         await ns.aclose()
-        return bytes(data)
+        return data
 
     return trio.run(session)
 
@@ -336,7 +329,7 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
     import os
 
     from p2psync.model import Batch, Change, Range, VersionVector
-    from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, FrameDecoder, Hello, encode_event
+    from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, encode_event
 
     a, b = lab.devices(2)
     r = relays(pg_dsn, [token_of(a)])
@@ -344,18 +337,10 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
     lab.start(b, peers=[], relay=r.address)
     wait_relay_connected(a, b)
 
-    def events(data: bytes) -> list:
-        dec = FrameDecoder()
-        dec.feed(data)
-        out = []
-        while (ev := dec.next_frame()) is not None:
-            out.append(ev)
-        return out
-
     site = os.urandom(16)
     hello = encode_event(Hello(PROTOCOL_VERSION, site, b"", int(time.time() * 1000), VersionVector()))
     # garbage after a valid hello: the relay answers with an Error and closes this session only
-    received = events(_member_session(a, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
+    received = events_in(_member_session(a, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
     assert any(type(e) is Error for e in received), received
     # a buggy member pushing an unsealed change: stored (the relay cannot tell), rejected by every device
     plain = Change("items", (77,), site, 1, (int(time.time() * 1000) << 16), True, ("name",), ("unsealed",))
