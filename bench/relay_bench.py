@@ -192,9 +192,6 @@ def run() -> None:
                         break
                     time.sleep(0.02)
                 ingest = time.perf_counter() - t0
-                if os.environ.get("P2PSYNC_BENCH_CPU"):
-                    from .common import cpu_ticks
-                    print(f"  cpu seconds: agent A {cpu_ticks(a.proc.pid) / 100:.2f}, relay {cpu_ticks(relay.pid) / 100:.2f}")
                 a.stop()
                 for b in newcomers:
                     t1 = time.perf_counter()

@@ -80,6 +80,17 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def terminate(proc: subprocess.Popen, timeout: float, what: str) -> int:
+    """SIGTERM ``proc`` by PID and return its exit status; SIGKILL and AssertionError after ``timeout`` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{what} did not exit within {timeout:g} s of SIGTERM") from None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing uses now and that outgoing connections never take."""
     high = min(_ephemeral_low(), 65536) - 1
@@ -320,13 +331,7 @@ class Lab:
         """SIGTERM the agent by PID; it must exit with status 0 within ``timeout`` s."""
         assert dev.running, f"{dev.name}: agent not running"
         self._signalled.add(dev.pid)
-        dev.proc.send_signal(signal.SIGTERM)
-        try:
-            code = dev.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            dev.proc.kill()
-            dev.proc.wait()
-            raise AssertionError(f"agent {dev.name} did not exit within {timeout:g} s of SIGTERM") from None
+        code = terminate(dev.proc, timeout, f"agent {dev.name}")
         dev.exit_codes.append(code)
         assert code == 0, f"agent {dev.name} exited with {code} on SIGTERM:\n{_tail(dev.log())}"
         return code

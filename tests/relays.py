@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from agents import free_port, wait_until
+from agents import free_port, terminate, wait_until
 
 PYTHON = sys.executable
 START_TIMEOUT = 30.0
@@ -60,13 +60,7 @@ class RelayProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM by PID; the relay must exit 0."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"relay did not exit within {timeout:g} s of SIGTERM") from None
+        code = terminate(self.proc, timeout, "relay")
         assert code == 0, f"relay exited with {code} on SIGTERM:\n{self.log()[-3000:]}"
         return code
 

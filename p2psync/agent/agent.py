@@ -27,7 +27,7 @@ from ..config import Config
 from ..discovery import DiscoveryError, MdnsDiscovery, PeerGone
 from ..identity import Device
 from ..logsetup import setup_logging
-from ..net.connection import Connection, PeerClosed, SyncSettings
+from ..net.connection import Connection, PeerClosed, SyncSettings, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..noise import agent_handshake
 from ..net.bus import ChangeBus
@@ -238,11 +238,10 @@ class Agent:
             for host, port in list(st.addresses):
                 address = f"{host}:{port}"
                 try:
-                    with trio.fail_after(CONNECT_TIMEOUT):
-                        stream = await trio.open_tcp_stream(host, port)
-                except (OSError, trio.TooSlowError) as e:
-                    st.last_error = f"cannot connect to {address}: {e or 'timed out'}"
-                    log.debug("dial %s", st.last_error)
+                    stream = await dial(host, port, CONNECT_TIMEOUT)
+                except OSError as e:
+                    st.last_error = str(e)
+                    log.debug("dial: %s", e)
                     continue
                 ns = await self._secure(stream, True, address)
                 if ns is None:
@@ -356,17 +355,8 @@ class Agent:
         now = time.time()
         peers = []
         for key, link in self.links.items():
-            c = link.conn
-            peers.append({
-                "address": link.address, "state": "connected", "key": key.hex()[:16],
-                "site": c.peer_site.hex() if c.peer_site else None,
-                "connected_for_s": round(now - link.since, 1),
-                "last_seen_s_ago": round(trio.current_time() - c.last_seen, 1),
-                "we_owe": c.peer.owed_to_peer(vv) if c.peer else None,
-                "they_owe": c.peer.owed_by_peer(c.peer_vv, vv) if c.peer else None,
-                "batches_sent": c.peer.batches_sent if c.peer else 0,
-                "batches_received": c.peer.batches_received if c.peer else 0,
-            })
+            peers.append({"address": link.address, "state": "connected", "key": key.hex()[:16],
+                          "connected_for_s": round(now - link.since, 1), **link.conn.status(vv)})
         for name, st in self.dialers.items():
             if st.state not in ("connected", "gone") and st.peer_key not in self.links:
                 peers.append({"address": name, "state": st.state, "last_error": st.last_error})

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from ..net.connection import Connection, PeerClosed
+from ..net.connection import Connection, PeerClosed, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
@@ -114,11 +114,10 @@ async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> 
         state.state = "connecting"
         started = trio.current_time()
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as e:
-            state.last_error = f"cannot connect to {address}: {e or 'timed out'}"
-            log.debug("relay: %s", state.last_error)
+            stream = await dial(host, port, CONNECT_TIMEOUT)
+        except OSError as e:
+            state.last_error = str(e)
+            log.debug("relay: %s", e)
         else:
             ns = NoiseStream(stream, agent_handshake(True, agent.device.static_private, token, relay_prologue(ref)))
             try:
@@ -173,13 +172,6 @@ def relay_status(state: RelayState, vv) -> dict:
     if c is None:
         out["last_error"] = state.last_error
         return out
-    out.update({
-        "site": c.peer_site.hex() if c.peer_site else None,
-        "connected_for_s": round(trio.current_time() - state.since, 1),
-        "last_seen_s_ago": round(trio.current_time() - c.last_seen, 1),
-        "we_owe": c.peer.owed_to_peer(vv) if c.peer else None,
-        "they_owe": c.peer.owed_by_peer(c.peer_vv, vv) if c.peer else None,
-        "batches_sent": c.peer.batches_sent if c.peer else 0,
-        "batches_received": c.peer.batches_received if c.peer else 0,
-    })
+    out["connected_for_s"] = round(trio.current_time() - state.since, 1)
+    out.update(c.status(vv))
     return out

@@ -26,6 +26,11 @@ MAX_COLUMNS = 2000
 MAX_VALUE_BYTES = 8 * 1024 * 1024
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
+# A change sealed for a relay (p2psync/sync/sealing.py) is an ordinary change
+# of this table with this one column; relays store such changes compactly.
+SEALED_TABLE = "~"
+SEALED_COLUMN = "~"
+
 
 class InvalidChange(ValueError):
     """A change or batch is malformed (wrong types, missing fields, absurd sizes)."""

@@ -47,6 +47,15 @@ class PeerClosed(Exception):
     """The connection ended; the message says why."""
 
 
+async def dial(host: str, port: int, timeout: float) -> trio.SocketStream:
+    """A TCP connection to host:port; OSError saying where and why if there is none within ``timeout`` s."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as e:
+        raise OSError(f"cannot connect to {host}:{port}: {e or 'timed out'}") from e
+
+
 class Connection:
     """One authenticated connection to one peer."""
 
@@ -70,6 +79,18 @@ class Connection:
 
     def _now(self) -> float:
         return trio.current_time()
+
+    def status(self, vv) -> dict:
+        """This session as `p2psync status` shows it, given our version vector ``vv``."""
+        p = self.peer
+        return {
+            "site": self.peer_site.hex() if self.peer_site else None,
+            "last_seen_s_ago": round(self._now() - self.last_seen, 1),
+            "we_owe": p.owed_to_peer(vv) if p else None,
+            "they_owe": p.owed_by_peer(self.peer_vv, vv) if p else None,
+            "batches_sent": p.batches_sent if p else 0,
+            "batches_received": p.batches_received if p else 0,
+        }
 
     async def _write(self, event) -> None:
         async with self._send_lock:

@@ -52,7 +52,6 @@ class GroupState:
     id: int
     token: bytes = field(repr=False)
     bus: ChangeBus = field(default_factory=ChangeBus)
-    sessions: int = 0
 
 
 class SessionContext:
@@ -61,7 +60,7 @@ class SessionContext:
     check_schema = False  # devices track tables; the relay stores sealed cells of any schema
 
     def __init__(self, relay: Relay, group: GroupState, store: PostgresStore):
-        self.relay, self.group = relay, group
+        self.group = group
         self.worker = StoreWorker(store)
         self.site_id = relay.site_id
         self.schema = store.schema_fingerprint()
@@ -73,8 +72,6 @@ class SessionContext:
         log.info("device %s (site %s) of group %d says hello", conn.label, hello.site_id.hex()[:12], self.group.id)
 
     def on_applied(self, conn: Connection, batch, result) -> None:
-        self.relay.counters["batches_stored"] += 1
-        self.relay.counters["changes_stored"] += result.cells_won
         if result.cells_won or batch.ranges:
             self.bus.notify()
 
@@ -90,8 +87,6 @@ class Relay:
         self.settings = settings or SyncSettings()
         self.groups: dict[bytes, GroupState] = {}
         self.by_id: dict[int, GroupState] = {}
-        self.counters = {"connections": 0, "refused_unknown_group": 0, "handshake_failures": 0,
-                         "batches_stored": 0, "changes_stored": 0}
         self.listen_address: tuple[str, int] | None = None
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
         self.site_id = b""
@@ -133,7 +128,6 @@ class Relay:
             label = f"{host}:{port}"
         except OSError:
             label = "?"
-        self.counters["connections"] += 1
         try:
             if self._handshakes.value == 0:
                 log.warning("too many handshakes in progress; refusing %s", label)
@@ -157,7 +151,6 @@ class Relay:
                 ref = parse_preamble(data)
                 group = await self._group(ref)
                 if group is None:
-                    self.counters["refused_unknown_group"] += 1
                     log.warning("connection from %s: group ref %s is not admitted here; closed", label, ref.hex()[:12])
                     return None
                 ns = NoiseStream(stream, agent_handshake(False, self._static, group.token, relay_prologue(ref)))
@@ -173,7 +166,6 @@ class Relay:
             reason = f"connection broke before the handshake completed ({e or type(e).__name__})"
         except StoreError as e:
             reason = f"cannot look the group up: {e}"
-        self.counters["handshake_failures"] += 1
         log.warning("connection from %s: %s; closed", label, reason)
         return None
 
@@ -183,7 +175,6 @@ class Relay:
         except StoreError as e:
             log.warning("connection from %s: %s; closed", label, e)
             return
-        group.sessions += 1
         try:
             conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
             await conn.run()
@@ -194,7 +185,6 @@ class Relay:
         except Exception:  # a bug costs one session, never the relay
             log.exception("session with %s failed unexpectedly; closed", label)
         finally:
-            group.sessions -= 1
             with trio.CancelScope(shield=True):
                 await ns.aclose()
                 await trio.to_thread.run_sync(store.close)
@@ -215,22 +205,22 @@ class Relay:
 
     def _listen_thread(self, stop: threading.Event, token: trio.lowlevel.TrioToken) -> None:
         """LISTEN for other relay processes' applies until ``stop``; reconnects after errors."""
-        first = True
+        again = False  # a later connection: notifications sent meanwhile are lost, so wake every session
         while not stop.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    if not first:
+                    if again:
                         log.info("listening for other relay processes again")
                         trio.from_thread.run_sync(self._wake_all, trio_token=token)
-                    first = False
+                    again = True
                     while not stop.is_set():
                         for n in conn.notifies(timeout=0.5):
                             trio.from_thread.run_sync(self._on_notify, n.payload, trio_token=token)
             except psycopg.Error as e:
-                if not first or not stop.is_set():
+                if not stop.is_set():
                     log.warning("lost the Postgres notification connection (%s); retrying", str(e).strip())
-                first = False
+                again = True
                 stop.wait(LISTEN_RETRY)
             except trio.RunFinishedError:
                 return

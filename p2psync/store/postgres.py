@@ -39,7 +39,7 @@ import msgpack
 import psycopg
 
 from ..model import Batch, Change, VersionVector
-from ..model.change import check_batch
+from ..model.change import SEALED_COLUMN, SEALED_TABLE, check_batch
 from .base import ApplyResult, HeldChange
 from .batching import site_batches
 from .errors import StoreError
@@ -52,6 +52,7 @@ IDENT_LEN = 16                          # bytes of the hash naming a change with
 # A sealed change is stored as ident = row ref + clock, body = SEALED_MARK + sealed bytes
 # (any other change's body is a msgpack array, which never starts with this byte).
 SEALED_MARK = b"\x00"
+_SEALED_COLUMNS = (SEALED_COLUMN,)
 _I32, _I64 = struct.Struct(">i"), struct.Struct(">q")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)   # signature, flags, header extension length
 _SITE_LEN, _I64_LEN = _I32.pack(16), _I32.pack(8)
@@ -216,7 +217,7 @@ class PostgresStore:
             if c.dbv <= have.get(c.site, 0):
                 continue
             pk = c.pk
-            if (c.table == "~" and c.alive is None and c.columns == ("~",) and len(pk) == 1
+            if (c.table == SEALED_TABLE and c.alive is None and c.columns == _SEALED_COLUMNS and len(pk) == 1
                     and type(pk[0]) is bytes and len(pk[0]) <= 32):
                 # a sealed change (the usual case at a relay): its row ref and clock name it
                 rows.append((c.site, c.dbv, pk[0] + i64(c.hlc), c.hlc, SEALED_MARK + c.values[0]))
@@ -280,7 +281,7 @@ class PostgresStore:
                 continue
             seen.add(ident)
             if body[:1] == SEALED_MARK:
-                yield dbv, (Change("~", (ident[:-8],), site, dbv, hlc, None, ("~",), (body[1:],)),)
+                yield dbv, (Change(SEALED_TABLE, (ident[:-8],), site, dbv, hlc, None, _SEALED_COLUMNS, (body[1:],)),)
                 continue
             table, pk, alive, columns, values = msgpack.unpackb(body, use_list=False)
             yield dbv, (Change(table, pk, site, dbv, hlc, alive, columns, values),)

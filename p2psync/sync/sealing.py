@@ -35,10 +35,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from ..model import Batch, Change, Range
-from ..model.change import InvalidChange, check_change
+from ..model.change import SEALED_COLUMN, SEALED_TABLE, InvalidChange, check_change
 
-SEALED_TABLE = "~"
-SEALED_COLUMN = "~"
 ROW_REF_LEN = 16
 NONCE_LEN = 12
 _VERSION = struct.Struct(">qq")
