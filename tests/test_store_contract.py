@@ -210,3 +210,15 @@ def test_a_change_that_arrives_twice_before_its_range_goes_out_once(make_store):
     store.apply(Batch((ahead,), (Range(t, 0, 3),)), now_ms())
     sent = [c for g in _groups(store, VersionVector()) for p in g for c in p.changes]
     assert sorted((c.site == t, c.pk) for c in sent) == [(False, (8,)), (True, (7,))]
+
+
+def test_changes_shaped_like_sealed_ones_round_trip_whatever_their_value(make_store):
+    """A relay stores sealed changes compactly; a member sending that shape with other values loses nothing."""
+    store = make_store()
+    site = os.urandom(16)
+    odd = (Change("~", (b"r" * 16,), site, 1, 1 << 20, None, ("~",), ("text, not bytes",)),
+           Change("~", (b"s" * 16,), site, 1, 1 << 20, None, ("~",), (None,)),
+           Change("~", (b"t" * 40,), site, 1, 1 << 20, None, ("~",), (b"long key",)))
+    store.apply(Batch(odd, (Range(site, 0, 1),)), now_ms())
+    sent = [c for g in _groups(store, VersionVector()) for p in g for c in p.changes]
+    assert sorted(sent) == sorted(odd)

@@ -218,7 +218,7 @@ class PostgresStore:
                 continue
             pk = c.pk
             if (c.table == SEALED_TABLE and c.alive is None and c.columns == _SEALED_COLUMNS and len(pk) == 1
-                    and type(pk[0]) is bytes and len(pk[0]) <= 32):
+                    and type(pk[0]) is bytes and len(pk[0]) <= 32 and type(c.values[0]) is bytes):
                 # a sealed change (the usual case at a relay): its row ref and clock name it
                 rows.append((c.site, c.dbv, pk[0] + i64(c.hlc), c.hlc, SEALED_MARK + c.values[0]))
                 continue
