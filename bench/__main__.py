@@ -1,4 +1,4 @@
-"""Run the benchmarks: python -m bench [store|sync|lan|relay|slow|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|relay|membership|slow|all]."""
 
 import subprocess
 import sys
@@ -24,6 +24,8 @@ except ImportError:
     pass
 from . import relay_bench  # noqa: E402
 SUITES["relay"] = relay_bench.run
+from . import membership_bench  # noqa: E402
+SUITES["membership"] = membership_bench.run
 SUITES["slow"] = slow_tests
 
 

@@ -41,23 +41,29 @@ def cli(*args: str, check: bool = True) -> str:
 class Device:
     """A device home + database, created through the CLI."""
 
-    def __init__(self, base: Path, name: str, schema: str, tables: list[str], invite: str | None = None):
+    def __init__(self, base: Path, name: str, schema: str, tables: list[str], admin: "Device | None" = None):
+        """A new device: the founder of a new group, or (``admin`` given) a member admitted by ``admin``."""
         self.home = base / f"home-{name}"
         self.db = base / f"{name}.db"
+        self.proc: subprocess.Popen | None = None
+        self.port = free_port()
         c = sqlite3.connect(self.db)
         c.execute("PRAGMA journal_mode=WAL")
         c.executescript(schema)
         c.close()
-        if invite is None:
+        if admin is None:
             cli("--home", str(self.home), "init", "--db", str(self.db), "--name", name)
         else:
-            cli("--home", str(self.home), "join", invite, "--db", str(self.db), "--name", name)
+            running = admin.proc is not None and admin.proc.poll() is None
+            if not running:
+                admin.start()
+            try:
+                code = cli("--home", str(admin.home), "invite", "--address", f"127.0.0.1:{admin.port}").strip()
+                cli("--home", str(self.home), "join", code, "--db", str(self.db), "--name", name, "--timeout", "60s")
+            finally:
+                if not running:
+                    admin.stop()
         cli("--home", str(self.home), "track", *tables)
-        self.proc: subprocess.Popen | None = None
-        self.port = free_port()
-
-    def invite(self) -> str:
-        return cli("--home", str(self.home), "invite").strip()
 
     def start(self, peers: list[int] = (), extra: list[str] = ()) -> None:
         args = [PY, "-m", "p2psync", "--home", str(self.home), "run", "--listen", f"127.0.0.1:{self.port}",

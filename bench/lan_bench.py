@@ -162,7 +162,7 @@ def check_running(*devices: Device) -> None:
 def connect_time(base: Path, runs: int = 3) -> None:
     lab = Lab(2)
     a = Device(base, "CA", SCHEMA, ["t"])
-    b = Device(base, "CB", SCHEMA, ["t"], invite=a.invite())
+    b = Device(base, "CB", SCHEMA, ["t"], admin=a)
     sa, sb = site(a), site(b)
     total, after_ready = [], []
     try:
@@ -195,7 +195,7 @@ def connect_time(base: Path, runs: int = 3) -> None:
 def latency(base: Path, samples: int = 100) -> None:
     lab = Lab(3)
     devs = [Device(base, "LA", SCHEMA, ["t"])]
-    devs += [Device(base, n, SCHEMA, ["t"], invite=devs[0].invite()) for n in ("LB", "LC")]
+    devs += [Device(base, n, SCHEMA, ["t"], admin=devs[0]) for n in ("LB", "LC")]
     a, b, c = devs
     sites = {d: site(d) for d in devs}
     try:
@@ -258,7 +258,7 @@ def _tcp_rtt(lab: Lab) -> float:
 def idle(base: Path, seconds: float) -> None:
     lab = Lab(3)
     devs = [Device(base, "IA", SCHEMA, ["t"])]
-    devs += [Device(base, n, SCHEMA, ["t"], invite=devs[0].invite()) for n in ("IB", "IC")]
+    devs += [Device(base, n, SCHEMA, ["t"], admin=devs[0]) for n in ("IB", "IC")]
     a = devs[0]
     sites = {d: site(d) for d in devs}
     try:

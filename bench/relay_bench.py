@@ -70,11 +70,9 @@ def _relay_side_ingest(dsn: str) -> float:
     batches (100 transactions of 1,000 rows), so the figure is the relay's:
     Noise, decoding, checking, COPY into Postgres and commit per batch.
     """
-    import secrets
 
     import trio
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
+    from p2psync.group import Admission
     from p2psync.model import Batch, Change, Range, VersionVector
     from p2psync.net.bus import ChangeBus
     from p2psync.net.connection import Connection, SyncSettings
@@ -85,9 +83,15 @@ def _relay_side_ingest(dsn: str) -> float:
     from p2psync.store import ApplyResult
     from p2psync.sync.sealing import Sealer
 
-    token, site = secrets.token_bytes(32), secrets.token_bytes(16)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from groups import make_group
+
+    keys, (members,) = make_group(1)          # a one-device group: the pusher is its founder
+    ring = members.keys
+    token, site = ring.relay_psk, keys[0].site_id
+    admission = (members.state.group + members.found + token).hex()
     ref = group_ref(token)
-    sealer = Sealer(secrets.token_bytes(32))
+    sealer = Sealer(lambda: ring.current, ring.by_key_id.get)
     parts = []
     for k in range(0, ROWS, BATCH):
         changes = [Change("t", (i,), site, i // TX_ROWS + 1, (1 << 40) + i, True, ("name", "qty"),
@@ -96,7 +100,7 @@ def _relay_side_ingest(dsn: str) -> float:
                       False))
     port = free_port()
     relay = subprocess.Popen([PY, "-m", "p2psync", "relay", "--dsn", dsn, "--listen", f"127.0.0.1:{port}",
-                              "--allow-group", token.hex(), "--log-level", "warning"])
+                              "--allow-group", admission, "--log-level", "warning"])
     if os.environ.get("P2PSYNC_BENCH_PROFILE"):  # py-spy flame graph of the relay while it ingests
         subprocess.Popen([str(Path(PY).parent / "py-spy"), "record", "-o", os.environ["P2PSYNC_BENCH_PROFILE"],
                           "--threads", "--idle", "-d", "8", "-p", str(relay.pid), "-f", "raw"])
@@ -117,6 +121,18 @@ def _relay_side_ingest(dsn: str) -> float:
         check_schema, schema, site_id, bus, worker = False, b"bench", site, ChangeBus(), Worker()
         wall_ms = staticmethod(clock_ms)
 
+        def __init__(self):
+            self.members = members
+
+        def admit(self, conn):
+            return Admission(None)
+
+        def screen(self, conn, batch):
+            return batch
+
+        async def on_members(self, conn, events):
+            members.load(list(events))
+
         def on_hello(self, conn, hello):
             pass
 
@@ -131,8 +147,7 @@ def _relay_side_ingest(dsn: str) -> float:
             except OSError:
                 await trio.sleep(0.05)
         await stream.send_all(preamble(ref))
-        ns = NoiseStream(stream, agent_handshake(True, X25519PrivateKey.generate().private_bytes_raw(), token,
-                                                 relay_prologue(ref)))
+        ns = NoiseStream(stream, agent_handshake(True, keys[0].static_private, token, relay_prologue(ref)))
         await ns.do_handshake()
         conn = Connection(ns, Ctx(), "bench", SyncSettings())
         async with trio.open_nursery() as n:
@@ -167,7 +182,7 @@ def run() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp)
             a = Device(base, "A", SCHEMA, ["t"])
-            newcomers = [Device(base, f"B{k}", SCHEMA, ["t"], invite=a.invite()) for k in range(RUNS)]
+            newcomers = [Device(base, f"B{k}", SCHEMA, ["t"], admin=a) for k in range(RUNS)]
             token = cli("--home", str(a.home), "relay-token").strip()
             port = free_port()
             log = open(base / "relay.log", "ab")

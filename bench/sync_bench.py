@@ -58,7 +58,7 @@ def _tcp_rtt() -> float:
 
 def bulk_and_latency(base: Path) -> None:
     a = Device(base, "A", SCHEMA, ["t"])
-    b = Device(base, "B", SCHEMA, ["t"], invite=a.invite())
+    b = Device(base, "B", SCHEMA, ["t"], admin=a)
     a.start()
     b.start(peers=[a.port])
     try:
@@ -107,7 +107,7 @@ def bulk_and_latency(base: Path) -> None:
 
 def reconnect(base: Path, rows_n: int = 1_000_000) -> None:
     a = Device(base, "RA", SCHEMA, ["t"])
-    b = Device(base, "RB", SCHEMA, ["t"], invite=a.invite())
+    b = Device(base, "RB", SCHEMA, ["t"], admin=a)
     app = sqlite3.connect(a.db, isolation_level=None)
     app.execute("BEGIN")
     app.executemany("INSERT INTO t VALUES (?,?,?,?)", ((i, f"item {i}", i % 1000, i * 0.25)

@@ -11,8 +11,11 @@ from pathlib import Path
 
 from .agent.control import ControlError
 from .config import ConfigError, load_config, parse_hostport
-from .identity import (IdentityError, InviteError, create_device, invite_code, load_device,
-                       parse_invite, resolve_home)
+from .group import ActionError, GroupMembers
+from .group import actions
+from .identity import (DeviceKeys, IdentityError, InviteError, check_name, create_device, encode_invite,
+                       load_device, parse_duration, parse_invite, refuse_existing, resolve_home)
+from .model.membership import ROLE_ADMIN, ROLE_MEMBER
 from .store import SqliteStore, StoreError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -35,13 +38,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--db", required=True, help="the application's SQLite database")
     c.add_argument("--name", help="a name for this device (default: host name)")
 
-    c = sub.add_parser("invite", parents=[common], help="print a one-line invite code for this group")
+    c = sub.add_parser("invite", parents=[common], help="print a single-use invite code (admins)")
+    c.add_argument("--expires", default="24h", metavar="DURATION", help="e.g. 30m, 24h, 7d (default 24h)")
+    c.add_argument("--admin", action="store_true", help="the new device joins as an admin")
+    c.add_argument("--address", action="append", metavar="HOST:PORT",
+                   help="where the new device reaches an admin (default: this agent's listen addresses)")
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("invites", parents=[common], help="pending invites; --cancel ID cancels one (admins)")
+    c.add_argument("--cancel", metavar="ID")
     c.add_argument("--json", action="store_true")
 
     c = sub.add_parser("join", parents=[common], help="new device in an existing group")
-    c.add_argument("code", help="invite code printed by `p2psync invite` on a member")
+    c.add_argument("code", help="invite code printed by `p2psync invite` on an admin")
     c.add_argument("--db", required=True)
     c.add_argument("--name")
+    c.add_argument("--timeout", default="10m", metavar="DURATION", help="how long to wait for an admin (default 10m)")
+    c.add_argument("--admin", action="append", metavar="HOST:PORT", dest="admins",
+                   help="an admin's address, tried before the code's")
+
+    c = sub.add_parser("devices", parents=[common], help="the group's devices: name, role, added by, last seen")
+    c.add_argument("--all", action="store_true", help="also removed and retired devices")
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("remove", parents=[common], help="remove a device from the group and rotate keys (admins)")
+    c.add_argument("device", metavar="DEVICE", help="name or site id prefix")
+
+    c = sub.add_parser("role", parents=[common], help="make a device admin or member (admins)")
+    c.add_argument("device", metavar="DEVICE", help="name or site id prefix")
+    c.add_argument("role", choices=[ROLE_ADMIN, ROLE_MEMBER])
 
     c = sub.add_parser("track", parents=[common], help="start syncing tables (existing rows included)")
     c.add_argument("tables", nargs="+", metavar="TABLE")
@@ -78,38 +103,291 @@ def _home(args) -> Path:
     return resolve_home(getattr(args, "home", None))
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _open(device) -> tuple[SqliteStore, GroupMembers]:
+    store = SqliteStore(device.db_path, device.site_id)
+    members = GroupMembers(device.found, device.site_id, device.static_private)
+    members.load(store.member_events())
+    return store, members
+
+
+def _persist(store: SqliteStore, members: GroupMembers, events, home: Path | None = None) -> None:
+    """Store new events; tell a running agent so it passes them on at once (it would notice anyway)."""
+    members.add(events)
+    store.add_member_events(members.pairs(events))
+    if home is not None:
+        from .agent.control import ControlError as _CE, request
+
+        try:
+            request(home / "agent.sock", {"cmd": "members-changed"})
+        except _CE:
+            pass
+
+
 def cmd_init(args) -> int:
+    home = _home(args)
+    refuse_existing(home)
     db = Path(args.db).absolute()
-    device = create_device(_home(args), db, args.name)
-    SqliteStore(db, device.site_id).close()
-    print(f"device {device.name} ({device.site_id.hex()[:12]}) created in {device.home}")
+    name = check_name(args.name)
+    keys = DeviceKeys.generate()
+    group_id = os.urandom(16)
+    found = actions.found_group(keys, name, group_id, _now_ms())
+    store = SqliteStore(db, keys.site_id)
+    try:
+        members = GroupMembers(found.hash, keys.site_id, keys.static_private)
+        _persist(store, members, [found])
+    finally:
+        store.close()
+    device = create_device(home, db, name, keys, group_id, found.hash)
+    print(f"device {device.name} ({device.site_id.hex()[:12]}) created in {device.home}, admin of a new group")
     print(f"database: {db}")
     print("next: `p2psync track TABLE` then `p2psync run`; add devices with `p2psync invite`")
     return EXIT_OK
 
 
-def cmd_join(args) -> int:
+def _agent_listen(home: Path) -> str | None:
+    from .agent.control import ControlError as _CE, request
+
     try:
-        group = parse_invite(args.code)
-    except InviteError as e:
-        raise UsageError(f"invalid invite code: {e}") from e
-    db = Path(args.db).absolute()
-    device = create_device(_home(args), db, args.name, group=group)
-    SqliteStore(db, device.site_id).close()
-    print(f"device {device.name} ({device.site_id.hex()[:12]}) joined group {group.group_id.hex()[:12]}")
-    return EXIT_OK
+        return request(home / "agent.sock", {"cmd": "status"}).get("listen")
+    except _CE:
+        return None
+
+
+def _invite_addresses(args, home: Path) -> list[tuple[str, int]]:
+    if args.address:
+        return [parse_hostport(a, "--address") for a in args.address]
+    listen = _agent_listen(home)
+    host, port = parse_hostport(listen, "listen") if listen else load_config(home).listen
+    if host not in ("0.0.0.0", "", "::"):
+        return [(host, port)]
+    import ifaddr
+
+    found = [ip.ip for a in ifaddr.get_adapters() for ip in a.ips
+             if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return [(h, port) for h in list(dict.fromkeys(found))[:3]] or [("127.0.0.1", port)]
 
 
 def cmd_invite(args) -> int:
     device = load_device(_home(args))
-    code = invite_code(device.group)
-    print(json.dumps({"invite": code}) if args.json else code)
+    try:
+        seconds = parse_duration(args.expires)
+    except ValueError as e:
+        raise UsageError(f"--expires: {e}") from e
+    addresses = _invite_addresses(args, device.home)
+    relay = load_config(device.home).relay
+    store, members = _open(device)
+    try:
+        now = _now_ms()
+        code, ev = actions.invite(device, members, ROLE_ADMIN if args.admin else ROLE_MEMBER,
+                                  now + int(seconds * 1000), now, addresses, f"{relay[0]}:{relay[1]}" if relay else None)
+        _persist(store, members, [ev], device.home)
+    finally:
+        store.close()
+    text = encode_invite(code)
+    if args.json:
+        print(json.dumps({"invite": text, "id": code.id.hex()[:8], "role": "admin" if args.admin else "member",
+                          "expires": _when(code.expires_ms), "addresses": [f"{h}:{p}" for h, p in addresses]}))
+    else:
+        print(text)
+        print(f"single use, expires {_when(code.expires_ms)}; an admin's agent must be running when the new device "
+              f"joins (`p2psync join CODE --db PATH`)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
+
+
+def cmd_invites(args) -> int:
+    device = load_device(_home(args))
+    store, members = _open(device)
+    try:
+        invites = sorted(members.state.invites.values(), key=lambda i: i.created_ms)
+        now = _now_ms()
+        if args.cancel:
+            prefix = args.cancel.strip().lower()
+            match = [i for i in invites if i.id.hex().startswith(prefix)]
+            if len(match) != 1:
+                raise UsageError(f"--cancel {args.cancel!r}: {'no' if not match else 'more than one'} invite has "
+                                 f"that id; `p2psync invites` lists them")
+            inv = match[0]
+            if inv.state != "pending":
+                raise UsageError(f"invite {inv.id.hex()[:8]} is already {inv.state}")
+            _persist(store, members, [actions.cancel_invite(device, members, inv.id, now)], device.home)
+            print(f"invite {inv.id.hex()[:8]} cancelled: a device presenting it is refused")
+            return EXIT_OK
+        pending = [i for i in invites if i.state == "pending" and i.expires_ms > now]
+        rows = [{"id": i.id.hex()[:8], "role": i.role, "created_by": members.name_of(i.created_by),
+                 "created": _when(i.created_ms), "expires": _when(i.expires_ms)} for i in pending]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no pending invites")
+    else:
+        for r in rows:
+            print(f"{r['id']}  {r['role']:<6}  by {r['created_by']:<16} {r['created']}  expires {r['expires']}")
+    return EXIT_OK
+
+
+def cmd_join(args) -> int:
+    import trio
+
+    from .net.join_client import JoinFailed, ask_to_join
+
+    try:
+        code = parse_invite(args.code)
+    except InviteError as e:
+        raise UsageError(f"invalid invite code: {e}") from e
+    try:
+        timeout = parse_duration(args.timeout)
+    except ValueError as e:
+        raise UsageError(f"--timeout: {e}") from e
+    home = _home(args)
+    refuse_existing(home)
+    db = Path(args.db).absolute()
+    name = check_name(args.name)
+    if _now_ms() > code.expires_ms + 60_000:
+        raise RuntimeError(f"this invite code expired at {_when(code.expires_ms)}; ask an admin for a new one")
+    keys = DeviceKeys.generate()
+    addresses = [parse_hostport(a, "--admin") for a in (args.admins or [])] + list(code.addresses)
+    tty = sys.stderr.isatty()
+
+    def progress(msg: str) -> None:
+        if tty:
+            print(f"\r\033[K{msg}", end="", file=sys.stderr, flush=True)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        reply = trio.run(ask_to_join, code, keys, name, addresses, timeout, progress)
+    except JoinFailed as e:
+        raise RuntimeError(str(e)) from e
+    finally:
+        if tty:
+            print(file=sys.stderr)
+    if not reply.ok:
+        raise RuntimeError(f"the admin refused to admit this device: {reply.message}")
+    members = GroupMembers(code.found, keys.site_id, keys.static_private)
+    members.load(list(reply.events))
+    me = members.me
+    if me is None or me.state != "current":
+        raise RuntimeError("the admin's reply does not make this device a member (a broken or hostile admin); "
+                           "nothing was written")
+    store = SqliteStore(db, keys.site_id)
+    try:
+        store.add_member_events(members.pairs(members.log.events()))
+    finally:
+        store.close()
+    device = create_device(home, db, name, keys, code.group_id, code.found)
+    print(f"device {device.name} ({device.site_id.hex()[:12]}) joined group {code.group_id.hex()[:12]} as "
+          f"{me.role}, added by {members.name_of(me.added_by)}")
+    if members.keys is None or members.keys.current is None:
+        print("warning: the admin sent no key of the current epoch yet; the agent gets it when it next "
+              "meets an admin", file=sys.stderr)
+    return EXIT_OK
+
+
+def _find_member(members: GroupMembers, text: str):
+    text = text.strip()
+    all_members = list(members.state.members.values())
+    exact = [m for m in all_members if members.name_of(m.site) == text and m.state == "current"]
+    if len(exact) == 1:
+        return exact[0]
+    pre = [m for m in all_members if m.site.hex().startswith(text.lower())] if len(text) >= 4 else []
+    if len(pre) == 1:
+        return pre[0]
+    if exact or pre:
+        raise UsageError(f"{text!r} names more than one device; use a longer site id prefix (`p2psync devices`)")
+    raise UsageError(f"no device named {text!r} or with a site id starting so; `p2psync devices` lists them")
+
+
+def cmd_devices(args) -> int:
+    from .agent.control import ControlError as _CE, request
+
+    device = load_device(_home(args))
+    store, members = _open(device)
+    store.close()
+    try:
+        seen = request(device.home / "agent.sock", {"cmd": "devices"})
+    except _CE:
+        seen = {}
+    connected = set(seen.get("connected", []))
+    last = seen.get("last_seen", {})
+    rows = []
+    for m in sorted(members.state.members.values(), key=lambda m: (m.added_ms, m.site)):
+        if m.state != "current" and not args.all:
+            continue
+        site = m.site.hex()
+        rows.append({"name": members.name_of(m.site), "site": site, "role": m.role, "state": m.state,
+                     "added_by": members.name_of(m.added_by), "added": _when(m.added_ms),
+                     "last_seen": "this device" if m.site == device.site_id else
+                     ("connected" if site in connected else _when(int(last[site] * 1000)) if site in last else "-"),
+                     "this_device": m.site == device.site_id,
+                     **({"removed_by": members.name_of(m.removed_by) if m.removed_by else None,
+                         "removed": _when(m.removed_ms)} if m.state == "removed" else {})})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for r in rows:
+        mark = "*" if r["this_device"] else " "
+        extra = f"  removed by {r['removed_by']} {r['removed']}" if r["state"] == "removed" else \
+            (f"  ({r['state']})" if r["state"] != "current" else "")
+        print(f"{mark} {r['name']:<16} {r['site'][:12]}  {r['role']:<6}  added by {r['added_by']:<16} "
+              f"{r['added']}  last seen {r['last_seen']}{extra}")
+    return EXIT_OK
+
+
+def cmd_remove(args) -> int:
+    device = load_device(_home(args))
+    store, members = _open(device)
+    try:
+        target = _find_member(members, args.device)
+        if target.site == device.site_id:
+            raise UsageError("a device cannot remove itself; ask another admin")
+        last = store.version_vector()[target.site]
+        try:
+            events = actions.remove(device, members, target, last, _now_ms())
+        except ActionError as e:
+            raise UsageError(str(e)) from e
+        _persist(store, members, events, device.home)
+    finally:
+        store.close()
+    print(f"removed {members.who(target.site)}; its changes after db version {last} are refused everywhere")
+    print("a new key epoch started: members get it as they sync; the removed device can no longer connect "
+          "to any member or relay that has heard of this")
+    return EXIT_OK
+
+
+def cmd_role(args) -> int:
+    device = load_device(_home(args))
+    store, members = _open(device)
+    try:
+        target = _find_member(members, args.device)
+        try:
+            ev = actions.set_role(device, members, target, args.role, _now_ms())
+        except ActionError as e:
+            raise UsageError(str(e)) from e
+        _persist(store, members, [ev], device.home)
+    finally:
+        store.close()
+    print(f"{members.who(target.site)} is now {args.role}")
     return EXIT_OK
 
 
 def cmd_relay_token(args) -> int:
     device = load_device(_home(args))
-    token = device.group.relay_token().hex()
+    store, members = _open(device)
+    store.close()
+    psk = members.keys.relay_psk if members.keys else None
+    if psk is None:
+        raise RuntimeError("this device holds no key of its group yet; run the agent until it has synced")
+    token = (device.group_id + device.found + psk).hex()
     print(json.dumps({"relay_token": token}) if args.json else token)
     return EXIT_OK
 
@@ -185,26 +463,27 @@ def cmd_relay(args) -> int:
     admit = []
     for t in args.allow_group:
         try:
-            token = bytes.fromhex(t.strip())
+            raw = bytes.fromhex(t.strip())
         except ValueError:
-            token = b""
-        if len(token) != 32:
-            raise UsageError(f"--allow-group {t[:20]!r}: a relay token is 64 hex digits, as printed by "
-                             f"`p2psync relay-token` on a device of the group")
-        admit.append((group_ref(token), token))
+            raw = b""
+        if len(raw) != 80:
+            raise UsageError(f"--allow-group {t[:20]!r}: a relay token is 160 hex digits, as printed by "
+                             f"`p2psync relay-token` on a device of the group (tokens of p2psync 0.1 had 64)")
+        group_id, found, psk = raw[:16], raw[16:48], raw[48:]
+        admit.append((group_ref(psk), psk, group_id, found))
     return run_relay(args.dsn, listen, admit, admit_only=args.admit_only, log_level=args.log_level)
 
 
-COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "track": cmd_track, "run": cmd_run,
-            "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token,
-            "relay": cmd_relay}
+COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "invites": cmd_invites, "track": cmd_track,
+            "run": cmd_run, "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token,
+            "relay": cmd_relay, "devices": cmd_devices, "remove": cmd_remove, "role": cmd_role}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, ConfigError, InviteError) as e:
+    except (UsageError, ConfigError, InviteError, ActionError) as e:
         print(f"p2psync: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (IdentityError, StoreError, ControlError, RuntimeError, OSError) as e:

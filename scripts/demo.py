@@ -84,22 +84,15 @@ def main() -> int:
     try:
         lab = Lab(use_netns)
         homes, dbs = [], []
-        code = None
         for i, name in enumerate(NAMES):
             home, db = base / name, base / f"{name}.db"
             c = sqlite3.connect(db)
             c.execute("PRAGMA journal_mode=WAL")
             c.execute(SCHEMA)
             c.close()
-            r = p2p(home, "init", "--db", str(db), "--name", name) if code is None else \
-                p2p(home, "join", code, "--db", str(db), "--name", name)
-            if r.returncode:
-                raise SystemExit(r.stderr)
-            if code is None:
-                code = p2p(home, "invite").stdout.strip()
-            p2p(home, "track", "todo")
             homes.append(home)
             dbs.append(db)
+        enroll(base, homes, dbs)
         extra: list[str] = []
         if args.relay:
             pg, relay = start_relay(base, homes[0], procs)
@@ -132,6 +125,29 @@ def main() -> int:
         if pg is not None:
             pg.close()
         print(f"\nagents stopped; logs and databases are in {base}")
+
+
+def enroll(base: Path, homes: list[Path], dbs: list[Path]) -> None:
+    """The first device founds the group; the others join it with single-use invites, admitted by the
+    first device's agent (run on loopback just for this)."""
+    r = p2p(homes[0], "init", "--db", str(dbs[0]), "--name", NAMES[0])
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    port = free_port()
+    log = open(base / "enroll.log", "wb")
+    admin = subprocess.Popen([PY, "-m", "p2psync", "--home", str(homes[0]), "run", "--listen", f"127.0.0.1:{port}",
+                              "--no-mdns"], stdout=log, stderr=log)
+    try:
+        for home, db, name in zip(homes[1:], dbs[1:], NAMES[1:]):
+            code = p2p(homes[0], "invite", "--address", f"127.0.0.1:{port}").stdout.strip()
+            r = p2p(home, "join", code, "--db", str(db), "--name", name, "--timeout", "60s")
+            if r.returncode:
+                raise SystemExit(f"{name} could not join: {r.stderr}")
+        for home in homes:
+            p2p(home, "track", "todo")
+    finally:
+        admin.send_signal(signal.SIGTERM)
+        admin.wait(10)
 
 
 def start_relay(base: Path, home: Path, procs: list) -> tuple:

@@ -254,26 +254,49 @@ class Lab:
         self.all: list[Device] = []
         self._procs: list[subprocess.Popen] = []
         self._signalled: set[int] = set()
-        self._invite: str | None = None
+        self.founder: Device | None = None
 
     # -- making devices -------------------------------------------------------
 
     def devices(self, n: int, schema: str = SCHEMA, tables: Iterable[str] = ("items",)) -> list[Device]:
-        """``n`` new devices of this lab's group (the first ever made creates it), tables tracked."""
+        """``n`` new devices of this lab's group (the first ever made creates it), tables tracked.
+
+        Joins are real: a device joins with a single-use invite code from the
+        group's first device, whose agent admits it over loopback (the agent is
+        started for the joins if it is not running, and stopped again after).
+        """
         tables = list(tables)
         names = [chr(ord("A") + len(self.all) + i) for i in range(n)]
         made = [self._new_device(name, schema) for name in names]
         todo = made
-        if self._invite is None:
-            first = made[0]
+        if self.founder is None:
+            first = self.founder = made[0]
             first.cli("init", "--db", str(first.db), "--name", first.name)
-            self._invite = first.cli("invite").stdout.strip()
             self._finish(first, tables)
             todo = made[1:]
-        with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-            list(pool.map(lambda d: self._join(d, tables), todo))
+        if todo:
+            self.join(todo, tables)
         self.all += made
         return made
+
+    def invite(self, admin: Device | None = None, *args: str) -> str:
+        """A new single-use invite code from ``admin`` (default: the founder), reachable at its port."""
+        admin = admin or self.founder
+        return admin.cli("invite", "--address", admin.address, *args).stdout.strip()
+
+    def join(self, devices: list[Device], tables: Iterable[str] = ("items",), admin: Device | None = None) -> None:
+        """Join ``devices`` through ``admin``'s agent (started for the purpose if needed)."""
+        admin = admin or self.founder
+        started = not admin.running
+        if started:
+            self.start(admin, peers=admin.peers)
+        try:
+            codes = [self.invite(admin) for _ in devices]
+            with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+                list(pool.map(lambda dc: self._join(dc[0], dc[1], list(tables)), zip(devices, codes)))
+        finally:
+            if started:
+                self.stop(admin)
 
     def _new_device(self, name: str, schema: str) -> Device:
         d = self.root / name
@@ -283,8 +306,8 @@ class Lab:
             c.executescript(schema)
         return dev
 
-    def _join(self, dev: Device, tables: list[str]) -> None:
-        dev.cli("join", self._invite, "--db", str(dev.db), "--name", dev.name)
+    def _join(self, dev: Device, code: str, tables: list[str]) -> None:
+        dev.cli("join", code, "--db", str(dev.db), "--name", dev.name, "--timeout", "30s")
         self._finish(dev, tables)
 
     @staticmethod

@@ -15,7 +15,7 @@ import time
 import trio
 
 from p2psync.discovery import MdnsDiscovery, PeerGone
-from p2psync.identity import Group
+from groups import TagGroup as Group
 
 
 def say(**fields) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -12,8 +11,10 @@ import trio.testing
 from p2psync.model import Batch, Change, Range, VersionVector
 from p2psync.net.bus import ChangeBus
 from p2psync.net.connection import Connection, PeerClosed, SyncSettings
-from p2psync.protocol import PROTOCOL_VERSION, BatchEvent, Hello, encode_event
+from p2psync.protocol import PROTOCOL_VERSION, BatchEvent, Hello, Members, encode_event
 from p2psync.store import ApplyResult
+
+from groups import make_group
 
 
 class SlowWorker:
@@ -35,11 +36,24 @@ class SlowWorker:
         yield
 
 
+KEYS, MEMBERS = make_group(2)
+
+
 class Ctx:
     check_schema, schema = False, b""
 
     def __init__(self):
-        self.site_id, self.bus, self.worker = os.urandom(16), ChangeBus(), SlowWorker()
+        self.site_id, self.bus, self.worker = KEYS[0].site_id, ChangeBus(), SlowWorker()
+        self.members = MEMBERS[0]
+
+    def admit(self, conn):
+        return self.members.admit(conn.remote_static)
+
+    def screen(self, conn, batch):
+        return batch
+
+    async def on_members(self, conn, events):
+        self.members.load(list(events))
 
     @staticmethod
     def wall_ms():
@@ -55,7 +69,7 @@ class Ctx:
 @pytest.mark.parametrize("close", ["send_eof", "aclose"])
 def test_batches_sent_just_before_the_peer_closes_are_applied(close):
     """The peer sends three batches and hangs up before our first apply has finished: all three apply."""
-    ctx, site = Ctx(), os.urandom(16)
+    ctx, site = Ctx(), KEYS[1].site_id
     batches = [Batch((Change("t", (i,), site, i, 1 << 20, True, ("v",), (i,)),), (Range(site, i - 1, i),))
                for i in (1, 2, 3)]
     outcome = []
@@ -68,10 +82,11 @@ def test_batches_sent_just_before_the_peer_closes_are_applied(close):
 
     async def main():
         ours, theirs = trio.testing.memory_stream_pair()
-        conn = Connection(ours, ctx, "peer", SyncSettings())
+        conn = Connection(ours, ctx, "peer", SyncSettings(), remote_static=KEYS[1].static_public)
         async with trio.open_nursery() as n:
             n.start_soon(ours_side, conn)
-            await theirs.receive_some()  # our Hello
+            await theirs.send_all(encode_event(Members(MEMBERS[1].heads, ())))
+            await theirs.receive_some()  # our Members heads, then our Hello
             await theirs.send_all(encode_event(Hello(PROTOCOL_VERSION, site, b"", Ctx.wall_ms(), VersionVector())))
             for seq, b in enumerate(batches, 1):
                 await theirs.send_all(encode_event(BatchEvent(seq, b, False)))

@@ -28,6 +28,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import wire
+from peers import Identity, open_session
 from agents import Lab, wait_until
 from wire import events_in
 from p2psync.agent.agent import prologue
@@ -65,10 +66,11 @@ class Ticker(threading.Thread):
 
 
 class Target:
-    def __init__(self, lab, a, b, ticker):
+    def __init__(self, lab, a, b, m, ticker):
         self.lab, self.a, self.b, self.ticker = lab, a, b, ticker
-        group = load_device(a.home).group
-        self.psk, self.prologue = group.psk(), prologue(group.group_id)
+        self.member = Identity.of(m.home)      # a member whose agent never runs: the attackers' keys
+        self.psk = self.member.psk
+        self.prologue = prologue(load_device(a.home).group_id)
         self._ids = itertools.count(1)
 
     def counters(self) -> dict:
@@ -92,13 +94,13 @@ def target(tmp_path_factory):
     lab = Lab(tmp_path_factory.mktemp("hostile"), env={"P2PSYNC_HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT)})
     ticker = None
     try:
-        a, b = lab.devices(2)
+        a, b, m = lab.devices(3)
         lab.start(a, peers=[b])
         lab.start(b, peers=[a])
         lab.wait_settled(a, b)
         ticker = Ticker(b)
         ticker.start()
-        yield Target(lab, a, b, ticker)
+        yield Target(lab, a, b, m, ticker)
     finally:
         if ticker is not None:
             ticker.stop()
@@ -129,16 +131,19 @@ async def connect(dev) -> trio.SocketStream:
 
 async def until_closed(stream, timeout: float = CLOSE_WITHIN) -> bytes:
     """Everything the agent sends until it closes the connection (EOF or reset)."""
-    return await wire.until_closed(stream, timeout)
+    return _pending.pop(id(stream), b"") + await wire.until_closed(stream, timeout)
 
 
 async def authenticated(target, psk: bytes | None = None) -> NoiseStream:
-    """A Noise connection to A as a member (or, with another ``psk``, as a stranger)."""
-    stream = await connect(target.a)
-    ns = NoiseStream(stream, agent_handshake(True, static_key(), psk or target.psk, target.prologue))
-    with trio.fail_after(CLOSE_WITHIN):
-        await ns.do_handshake()
+    """A Noise connection to A as a member, membership exchanged (or, with another ``psk``, as a stranger).
+
+    What A sent past the exchange is kept and handed out first by ``until_closed``."""
+    ns, extra = await open_session(target.member, "127.0.0.1", target.a.port, psk=psk, timeout=CLOSE_WITHIN)
+    _pending[id(ns)] = extra
     return ns
+
+
+_pending: dict[int, bytes] = {}
 
 
 def frame(obj) -> bytes:
@@ -261,7 +266,7 @@ def test_wrong_group_key(target):
 
 
 def _hello_then(data):
-    return lambda t: our_hello(os.urandom(16)) + data()
+    return lambda t: our_hello(t.member.site) + data()
 
 
 MALFORMED = {

@@ -28,7 +28,8 @@ import pytest
 from agents import PYTHON, SCHEMA, Device, Lab, wait_until
 from netlab import virtual_lan  # noqa: F401  (the fixture)
 
-from p2psync.identity import Group, day_number, load_device
+from groups import TagGroup as Group, device_members
+from p2psync.identity import day_number
 from p2psync.protocol import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.root
@@ -342,7 +343,7 @@ def test_spoofed_mdns_adverts_and_goodbyes_do_not_disturb_sync(lan_lab):
 
     # An insider-ish attacker on host 4: it has the group's mDNS tag (derived from the real group
     # key) but no static key the group would accept, so it can advertise, not handshake.
-    tag = load_device(a.home).group.mdns_tag(day_number(time.time()))
+    tag = device_members(a.home).keys.current.mdns_tag(day_number(time.time()))
     txt = {"v": str(PROTOCOL_VERSION), "g": tag}
     hostile = lab.lan.host(4).ip
     dead = lab.lan.subnet.rsplit(".", 1)[0] + ".200"        # on the LAN, nobody there

@@ -18,7 +18,7 @@ RANK = {
     "model": 0,
     "store": 1, "noise": 1, "identity": 1, "logsetup": 1,
     "protocol": 2, "config": 2,
-    "sync": 3,
+    "sync": 3, "group": 3,
     "net": 4, "discovery": 4,
     "agent": 5, "relay": 5,
     "cli": 6, "__main__": 7,

@@ -22,7 +22,8 @@ from p2psync.discovery import (
     site_id_of,
     tag_matches,
 )
-from p2psync.identity import Group, day_number
+from groups import TagGroup as Group
+from p2psync.identity import day_number
 from p2psync.protocol import PROTOCOL_VERSION
 
 LOOPBACK = ["127.0.0.1"]

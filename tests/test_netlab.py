@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from netlab import virtual_lan  # noqa: F401  (the fixture)
 
-from p2psync.identity import Group
+from groups import TagGroup as Group
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,5 @@
-"""Noise: published vectors, every table pattern, transport, oracle interop, fuzzing."""
+"""Noise: published vectors, every table pattern, transport, oracle interop, multi-PSK
+responder, fuzzing."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2psync.noise import (
+    AGENT_PROTOCOL,
     MAX_PLAINTEXT_LEN,
+    MAX_PSK_CANDIDATES,
     PATTERNS,
     REKEY_INTERVAL,
     CipherState,
     DecryptError,
     HandshakeError,
     HandshakeState,
+    MultiPskResponder,
     NoiseError,
     NoiseTransport,
+    agent_handshake,
+    agent_responder,
 )
 from p2psync.noise.handshake import use_fixed_ephemeral_for_tests
 from p2psync.noise.patterns import parse_protocol_name
@@ -361,6 +367,194 @@ def _interop_once(connection, name: str, ours_initiates: bool) -> None:
         if i % 2 == 1:  # we rekey every 2 messages each way; tell the oracle to follow
             theirs.rekey_outbound_cipher()
             theirs.rekey_inbound_cipher()
+
+
+def test_multi_psk_responder_interops_with_noiseprotocol_initiator() -> None:
+    connection = pytest.importorskip(
+        "noise.connection", reason="noiseprotocol (test oracle) is not installed"
+    )
+    psks = [os.urandom(32) for _ in range(3)]
+    for used in range(3):
+        ours = agent_responder(_private(), psks, b"interop")
+        theirs = connection.NoiseConnection.from_name(AGENT_PROTOCOL.encode())
+        theirs.set_as_initiator()
+        theirs.set_prologue(b"interop")
+        their_key = _private()
+        theirs.set_keypair_from_private_bytes(connection.Keypair.STATIC, their_key)
+        theirs.set_psks(psks=[psks[used]])
+        theirs.start_handshake()
+        assert ours.read_message(theirs.write_message(b"m1")) == b"m1"
+        assert ours.psk_index == used
+        assert bytes(theirs.read_message(ours.write_message(b"m2"))) == b"m2"
+        assert ours.read_message(theirs.write_message(b"m3")) == b"m3"
+        assert ours.complete and theirs.handshake_finished
+        assert ours.handshake_hash == theirs.get_handshake_hash()
+        assert ours.remote_static == _public(their_key)
+        transport = NoiseTransport.from_handshake(ours)
+        assert theirs.decrypt(transport.encrypt(b"to them")) == b"to them"
+        assert transport.decrypt(theirs.encrypt(b"to us")) == b"to us"
+
+
+# -- multi-PSK responder (key epochs, invites) -------------------------------
+
+
+def _agent_run(init, resp) -> None:
+    while not init.complete or not resp.complete:
+        sender, receiver = (init, resp) if init.our_turn else (resp, init)
+        receiver.read_message(sender.write_message(b""))
+
+
+def test_multi_psk_responder_matches_each_candidate() -> None:
+    psks = [os.urandom(32) for _ in range(3)]
+    for used, psk in enumerate(psks):
+        init_key, resp_key = _private(), _private()
+        init = agent_handshake(True, init_key, psk, b"p")
+        resp = agent_responder(resp_key, psks, b"p")
+        assert resp.psk_index is None and resp.candidate_count == 3
+        assert not resp.our_turn and resp.message_index == 0
+        assert resp.local_static == _public(resp_key)
+        assert resp.read_message(init.write_message(b"hello")) == b"hello"
+        assert resp.psk_index == used and resp.candidate_count == 1
+        assert resp.our_turn and resp.remote_static is None
+        _agent_run(init, resp)
+        assert resp.complete and not resp.failed
+        assert resp.remote_static == _public(init_key)
+        assert init.remote_static == _public(resp_key)
+        assert resp.handshake_hash == init.handshake_hash
+        a, b = NoiseTransport.from_handshake(init), NoiseTransport.from_handshake(resp)
+        assert b.decrypt(a.encrypt(b"ping")) == b"ping"
+        assert a.decrypt(b.encrypt(b"pong")) == b"pong"
+
+
+def test_multi_psk_responder_picks_the_first_matching_candidate() -> None:
+    psk = os.urandom(32)
+    init = agent_handshake(True, _private(), psk, b"p")
+    resp = agent_responder(_private(), [os.urandom(32), psk, psk], b"p")
+    _agent_run(init, resp)
+    assert resp.psk_index == 1
+
+
+def test_multi_psk_responder_refuses_an_unknown_psk_and_stays_dead() -> None:
+    resp = agent_responder(_private(), [os.urandom(32) for _ in range(3)], b"p")
+    m1 = agent_handshake(True, _private(), os.urandom(32), b"p").write_message(b"")
+    with pytest.raises(HandshakeError, match="no known pre-shared key"):
+        resp.read_message(m1)
+    assert resp.failed and not resp.complete and resp.psk_index is None
+    assert resp.remote_static is None and resp.candidate_count == 0
+    with pytest.raises(HandshakeError, match="already failed.*no known pre-shared key"):
+        resp.write_message(b"")
+    with pytest.raises(HandshakeError, match="already failed"):
+        resp.read_message(m1)
+    with pytest.raises(HandshakeError, match="only after"):
+        resp.handshake_hash
+    with pytest.raises(HandshakeError, match="not complete"):
+        resp.split()
+
+
+def test_multi_psk_responder_with_another_prologue_finds_no_psk() -> None:
+    psk = os.urandom(32)
+    resp = agent_responder(_private(), [os.urandom(32), psk], b"other")
+    with pytest.raises(HandshakeError, match="no known pre-shared key"):
+        resp.read_message(agent_handshake(True, _private(), psk, b"p").write_message(b""))
+
+
+def test_multi_psk_responder_failed_tries_leave_later_candidates_intact() -> None:
+    # 63 failed tries before the right candidate; the handshake still ends with
+    # the initiator's transcript hash, so no failed try touched the match.
+    psk = os.urandom(32)
+    wrong = [os.urandom(32) for _ in range(MAX_PSK_CANDIDATES - 1)]
+    init = agent_handshake(True, _private(), psk, b"p")
+    resp = agent_responder(_private(), [*wrong, psk], b"p")
+    _agent_run(init, resp)
+    assert resp.psk_index == MAX_PSK_CANDIDATES - 1
+    assert resp.handshake_hash == init.handshake_hash
+
+
+def test_multi_psk_responder_malformed_message_1_fails_like_one_psk() -> None:
+    resp = agent_responder(_private(), [os.urandom(32), os.urandom(32)], b"p")
+    with pytest.raises(HandshakeError, match="shorter than"):
+        resp.read_message(bytes(47))
+    assert resp.failed
+    with pytest.raises(HandshakeError, match="already failed.*shorter than"):
+        resp.read_message(bytes(48))
+
+
+def test_multi_psk_responder_failure_after_message_1_kills_it() -> None:
+    psk = os.urandom(32)
+    init = agent_handshake(True, _private(), psk, b"p")
+    resp = agent_responder(_private(), [os.urandom(32), psk], b"p")
+    resp.read_message(init.write_message(b""))
+    init.read_message(resp.write_message(b""))
+    m3 = bytearray(init.write_message(b""))
+    m3[-1] ^= 1
+    with pytest.raises(HandshakeError, match="message 3 .*failed authentication"):
+        resp.read_message(bytes(m3))
+    assert resp.failed and not resp.complete and resp.psk_index == 1
+    with pytest.raises(HandshakeError, match="already failed"):
+        resp.read_message(bytes(m3))
+
+
+def test_multi_psk_responder_out_of_turn_write_does_not_kill_it() -> None:
+    psk = os.urandom(32)
+    resp = agent_responder(_private(), [psk], b"p")
+    with pytest.raises(HandshakeError, match="turn"):
+        resp.write_message(b"")
+    assert not resp.failed
+    init = agent_handshake(True, _private(), psk, b"p")
+    _agent_run(init, resp)
+    assert resp.psk_index == 0
+
+
+def test_multi_psk_responder_candidate_limits() -> None:
+    key = _private()
+    with pytest.raises(ValueError, match="1 to 64"):
+        agent_responder(key, [], b"p")
+    with pytest.raises(ValueError, match="got 65"):
+        agent_responder(key, [os.urandom(32)] * (MAX_PSK_CANDIDATES + 1), b"p")
+    assert agent_responder(key, [os.urandom(32)] * MAX_PSK_CANDIDATES, b"p").candidate_count == 64
+    with pytest.raises(HandshakeError, match="candidate pre-shared key 1 must be 32 bytes"):
+        agent_responder(key, [os.urandom(32), b"short"], b"p")
+
+
+def test_multi_psk_responder_refuses_patterns_whose_message_1_hides_no_psk() -> None:
+    key, psk = _private(), os.urandom(32)
+    for name in (
+        "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s",  # message 1 is not authenticated
+        "Noise_NN_25519_ChaChaPoly_BLAKE2s",
+        "Noise_NNpsk0+psk2_25519_ChaChaPoly_BLAKE2s",  # two PSKs per candidate
+    ):
+        with pytest.raises(HandshakeError, match="does not authenticate message 1"):
+            MultiPskResponder(name, s=None if "NN" in name else key, psks=[psk])
+    with pytest.raises(HandshakeError, match="static private key s must be 32 bytes"):
+        agent_responder(b"short", [psk], b"p")  # key errors surface at construction
+
+
+def test_multi_psk_responder_other_psk_in_message_1_patterns() -> None:
+    psks = [os.urandom(32) for _ in range(3)]
+    for name in ("Noise_NNpsk1_25519_ChaChaPoly_BLAKE2s", "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"):
+        init = HandshakeState(name, True, psks=[psks[2]])
+        resp = MultiPskResponder(name, psks=psks)
+        _run(init, resp)
+        assert resp.complete and resp.psk_index == 2
+        assert resp.handshake_hash == init.handshake_hash
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_garbage_message_1_to_multi_psk_responder_raises_only_noise_errors(data) -> None:
+    psks = [os.urandom(32) for _ in range(3)]
+    psk = psks[data.draw(st.integers(0, 2))]
+    real = agent_handshake(True, _private(), psk, b"p").write_message(b"real payload")
+    garbage = data.draw(_mutations(real))
+    resp = agent_responder(_private(), psks, b"p")
+    try:
+        resp.read_message(garbage)
+    except NoiseError:
+        assert resp.failed and resp.psk_index is None
+        with pytest.raises(HandshakeError, match="already failed"):
+            resp.write_message(b"")
+        return
+    assert garbage == real  # only the authentic message 1 is accepted
 
 
 # -- 4. fuzzing -------------------------------------------------------------

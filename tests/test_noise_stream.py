@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from p2psync.net.noise_stream import HandshakeFailed, NoiseStream
-from p2psync.noise import agent_handshake
+from p2psync.noise import agent_handshake, agent_responder
 from p2psync.noise.dh import generate_private
 
 GROUP = os.urandom(32)
@@ -32,6 +32,14 @@ async def memory_noise_pair():
     return await handshaken(*pair_over(left, right))
 
 
+async def multi_psk_noise_pair():
+    left, right = trio.testing.memory_stream_pair()
+    a = NoiseStream(left, agent_handshake(True, generate_private(), GROUP, PROLOGUE))
+    psks = [os.urandom(32), GROUP, os.urandom(32)]
+    b = NoiseStream(right, agent_responder(generate_private(), psks, PROLOGUE))
+    return await handshaken(a, b)
+
+
 async def lockstep_noise_pair():
     left, right = trio.testing.lockstep_stream_pair()
     return await handshaken(*pair_over(left, right))
@@ -45,6 +53,11 @@ async def test_generic_two_way_stream_memory():
 @pytest.mark.trio
 async def test_generic_two_way_stream_lockstep():
     await trio.testing.check_two_way_stream(lockstep_noise_pair, lockstep_noise_pair)
+
+
+@pytest.mark.trio
+async def test_generic_two_way_stream_multi_psk_responder():
+    await trio.testing.check_two_way_stream(multi_psk_noise_pair, None)
 
 
 @pytest.mark.trio
@@ -118,3 +131,45 @@ async def test_eof_mid_frame_is_an_error_not_data():
     await left.aclose()
     with pytest.raises(trio.BrokenResourceError, match="middle of a message"):
         await b.receive_some()
+
+
+@pytest.mark.trio
+async def test_multi_psk_responder_over_memory_streams():
+    epochs = [os.urandom(32) for _ in range(3)]
+    for used in (2, 0):
+        left, right = trio.testing.memory_stream_pair()
+        initiator = agent_handshake(True, generate_private(), epochs[used], PROLOGUE)
+        a = NoiseStream(left, initiator)
+        b = NoiseStream(right, agent_responder(generate_private(), epochs, PROLOGUE))
+        assert b.psk_index is None and b.handshake_hash is None
+        await handshaken(a, b)
+        assert b.psk_index == used and a.psk_index is None
+        assert a.handshake_hash == b.handshake_hash
+        assert b.remote_static == initiator.local_static
+        await a.send_all(b"over epoch %d" % used)
+        assert await b.receive_some() == b"over epoch %d" % used
+        await b.send_all(b"ack")
+        assert await a.receive_some() == b"ack"
+
+
+@pytest.mark.trio
+async def test_multi_psk_responder_refuses_unknown_psk_over_memory_streams():
+    left, right = trio.testing.memory_stream_pair()
+    a = NoiseStream(left, agent_handshake(True, generate_private(), os.urandom(32), PROLOGUE))
+    b = NoiseStream(right, agent_responder(generate_private(), [GROUP, os.urandom(32)], PROLOGUE))
+    failures = {}
+
+    async def run(name, s):
+        try:
+            await s.do_handshake()
+        except trio.BrokenResourceError as e:
+            failures[name] = e
+            await s.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(run, "a", a)
+        n.start_soon(run, "b", b)
+    assert isinstance(failures["b"], HandshakeFailed)
+    assert "no known pre-shared key" in str(failures["b"])
+    assert isinstance(failures["a"], trio.BrokenResourceError)
+    assert b.psk_index is None and b.remote_static is None

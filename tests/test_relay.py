@@ -18,6 +18,8 @@ import pytest
 from agents import Lab, wait_until
 from relays import RelayProcess
 from wire import events_in, until_closed
+from groups import device_members
+from peers import Identity, open_session
 
 MARKER = "zebra-marker-7c1f"
 
@@ -162,7 +164,7 @@ async def _relay_handshake(dev, r: RelayProcess, ref: bytes | None = None):
     from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
 
     device = load_device(dev.home)
-    token = device.group.relay_token()
+    token = device_members(dev.home).keys.relay_psk
     ref = ref or group_ref(token)
     stream = await trio.open_tcp_stream("127.0.0.1", r.port)
     await stream.send_all(preamble(ref))
@@ -185,7 +187,7 @@ def _connect_as(dev, r: RelayProcess, other_token: str) -> None:
 
     async def attempt():
         with pytest.raises((HandshakeFailed, trio.BrokenResourceError)):
-            ns = await _relay_handshake(dev, r, group_ref(bytes.fromhex(other_token)))
+            ns = await _relay_handshake(dev, r, group_ref(bytes.fromhex(other_token)[48:]))
             with trio.fail_after(15):
                 await ns.receive_some(1)  # the responder's failure shows up as a closed stream
 
@@ -316,9 +318,9 @@ def _member_session(dev, r: RelayProcess, payload: bytes, until: bytes | None = 
     import trio
 
     async def session() -> bytes:
-        ns = await _relay_handshake(dev, r)
+        ns, extra = await open_session(Identity.of(dev.home), "127.0.0.1", r.port, relay=True)
         await ns.send_all(payload)
-        data = await until_closed(ns, 20, until)
+        data = extra + await until_closed(ns, 20, until)
         await ns.aclose()
         return data
 
@@ -331,20 +333,20 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
     from p2psync.model import Batch, Change, Range, VersionVector
     from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, encode_event
 
-    a, b = lab.devices(2)
+    a, b, m = lab.devices(3)       # m: a member whose agent never runs; the buggy member speaks as m
     r = relays(pg_dsn, [token_of(a)])
     lab.start(a, peers=[], relay=r.address)
     lab.start(b, peers=[], relay=r.address)
     wait_relay_connected(a, b)
 
-    site = os.urandom(16)
+    site = bytes.fromhex(m.site)
     hello = encode_event(Hello(PROTOCOL_VERSION, site, b"", int(time.time() * 1000), VersionVector()))
     # garbage after a valid hello: the relay answers with an Error and closes this session only
-    received = events_in(_member_session(a, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
+    received = events_in(_member_session(m, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
     assert any(type(e) is Error for e in received), received
     # a buggy member pushing an unsealed change: stored (the relay cannot tell), rejected by every device
     plain = Change("items", (77,), site, 1, (int(time.time() * 1000) << 16), True, ("name",), ("unsealed",))
-    _member_session(a, r, hello + encode_event(BatchEvent(1, Batch((plain,), (Range(site, 0, 1),)), False)),
+    _member_session(m, r, hello + encode_event(BatchEvent(1, Batch((plain,), (Range(site, 0, 1),)), False)),
                     until=encode_event(Ack(1)))
     wait_until(lambda: (relay_peer(b) or {}).get("rejected_changes", 0) >= 1, what="B to reject the unsealed change")
     assert b.row(77) is None and a.row(77) is None
@@ -358,7 +360,7 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
 
 @pytest.mark.parametrize("args, code, message", [
     ([], 2, "relay needs --dsn"),
-    (["--dsn", "host=127.0.0.1 dbname=x", "--allow-group", "abc"], 2, "a relay token is 64 hex digits"),
+    (["--dsn", "host=127.0.0.1 dbname=x", "--allow-group", "abc"], 2, "a relay token is 160 hex digits"),
     (["--dsn", "host=127.0.0.1 port=1 dbname=x user=x"], 1, "cannot connect to Postgres"),
 ])
 def test_relay_command_errors_are_clear(args, code, message, tmp_path):

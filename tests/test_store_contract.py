@@ -43,7 +43,7 @@ def make_store(kind, make, request):  # noqa: F811
         dsn = request.getfixturevalue("pg_dsn")
         with connect(dsn) as c:
             migrate(c)
-            gid = admit_group(c, os.urandom(16), os.urandom(32))
+            gid = admit_group(c, os.urandom(16), os.urandom(32), os.urandom(16), os.urandom(32))
         s = PostgresStore(dsn, gid, site)
         opened.append(s)
         return s

@@ -27,14 +27,15 @@ from ..config import Config
 from ..discovery import DiscoveryError, MdnsDiscovery, PeerGone
 from ..identity import Device
 from ..logsetup import setup_logging
-from ..net.connection import Connection, PeerClosed, SyncSettings, dial
+from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
-from ..noise import agent_handshake
+from ..noise import agent_handshake, agent_responder
 from ..net.bus import ChangeBus
 from ..net.store_worker import StoreWorker, wall_ms
-from ..protocol import PROTOCOL_VERSION
+from ..protocol.prologue import device_prologue
 from ..store import SqliteStore
 from .control import serve_control
+from .group_service import GroupService
 from .relay_link import RelayState, keep_relay_session, relay_status
 from .sdnotify import Notifier
 from .watcher import DbWatcher
@@ -59,9 +60,7 @@ MDNS_GIVE_UP = 3600.0  # seconds of failed dialling before forgetting a discover
 COMMIT_VISIBLE_RETRIES = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
 
 
-def prologue(group_id: bytes) -> bytes:
-    """Binds the handshake to the protocol name, version and group."""
-    return b"p2psync/" + str(PROTOCOL_VERSION).encode() + b"/" + group_id
+prologue = device_prologue
 
 
 @dataclass
@@ -112,13 +111,43 @@ class Agent:
         self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
         self.notifier = Notifier()
         self.relay_state: RelayState | None = None
+        self.group = GroupService(self)
+        self.members = self.group.members
+        self.removed: str | None = None       # why this device no longer syncs, once it learns it was removed
+        self._sync_scope = trio.CancelScope()
 
     wall_ms = staticmethod(wall_ms)
 
     # -- callbacks from connections ----------------------------------------
 
     def on_hello(self, conn: Connection, hello) -> None:
-        log.info("peer %s (site %s) says hello", conn.label, hello.site_id.hex()[:12])
+        self.group.last_seen[hello.site_id] = time.time()
+        log.info("peer %s (%s) says hello", conn.label, self.members.who(hello.site_id))
+
+    def admit(self, conn: Connection):
+        return self.group.admit(conn)
+
+    def screen(self, conn: Connection, batch):
+        return self.group.screen(conn, batch)
+
+    async def on_members(self, conn: Connection, events) -> None:
+        await self.group.on_members(conn, events)
+
+    def connections(self) -> list[Connection]:
+        """Every live session (LAN peers and the relay)."""
+        out = [link.conn for link in self.links.values()]
+        if self.relay_state is not None and self.relay_state.conn is not None:
+            out.append(self.relay_state.conn)
+        return out
+
+    def stop_syncing(self, why: str) -> None:
+        """This device was removed: end every session and stop dialling; status says why."""
+        if self.removed is None:
+            self.removed = why
+            log.error("%s", why)
+        self._sync_scope.cancel()
+        for link in list(self.links.values()):
+            link.scope.cancel()
 
     def on_applied(self, conn: Connection, batch, result) -> None:
         self.counters["batches_applied"] += 1
@@ -131,16 +160,40 @@ class Agent:
 
     # -- connections --------------------------------------------------------
 
-    def _handshake(self, initiator: bool):
-        return agent_handshake(initiator, self.device.static_private, self.device.group.psk(),
-                               prologue(self.device.group.group_id))
+    def _handshake(self, initiator: bool, attempt: int):
+        """Our side of the handshake: a dialler uses one epoch's PSK (older ones on later attempts);
+        a responder accepts every epoch we hold and, at an admin, the invites it can answer."""
+        pro = prologue(self.device.group_id)
+        if initiator:
+            psk = self.group.initiator_psk(attempt)
+            if psk is None:
+                raise HandshakeFailed("this device holds no key of its group yet")
+            return agent_handshake(True, self.device.static_private, psk, pro), [], 1
+        member_psks = self.group.member_psks()[:48]
+        invites = self.group.join_candidates(self.wall_ms())
+        psks = member_psks + [p for p, _ in invites]
+        if not psks:
+            raise HandshakeFailed("this device holds no key of its group yet")
+        return agent_responder(self.device.static_private, psks, pro), invites, len(member_psks)
 
-    async def _secure(self, stream, initiator: bool, label: str) -> NoiseStream | None:
-        ns = NoiseStream(stream, self._handshake(initiator))
+    async def _secure(self, stream, initiator: bool, label: str, attempt: int = 0):
+        """The secured stream (and the invite a joiner used, if any), or (None, None)."""
+        invites = []
+        try:
+            hs, invites, n_members = self._handshake(initiator, attempt)
+            ns = NoiseStream(stream, hs)
+        except HandshakeFailed as e:
+            log.warning("connection %s %s: %s; closed", "to" if initiator else "from", label, e)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return None, None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await ns.do_handshake()
-            return ns
+            invite = None
+            if not initiator and ns.psk_index is not None and ns.psk_index >= n_members:
+                invite = invites[ns.psk_index - n_members][1]
+            return ns, invite
         except trio.TooSlowError:
             reason = f"no complete handshake within {HANDSHAKE_TIMEOUT:g} s"
         except HandshakeFailed as e:
@@ -151,9 +204,17 @@ class Agent:
         log.warning("connection %s %s: %s; closed", "to" if initiator else "from", label, reason)
         with trio.CancelScope(shield=True):
             await ns.aclose()
-        return None
+        return None, None
 
     async def _handle_inbound(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._inbound(stream)
+        except Exception:  # a bug must cost one connection, never the agent
+            log.exception("inbound connection failed unexpectedly; closed")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _inbound(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             label = f"{host}:{port}"
@@ -164,9 +225,17 @@ class Agent:
             await stream.aclose()
             return
         async with self._handshakes:
-            ns = await self._secure(stream, False, label)
-        if ns is not None:
-            await self._run_link(ns, label, initiator=False)
+            ns, invite = await self._secure(stream, False, label)
+        if ns is None:
+            return
+        if invite is not None:
+            try:
+                await self.group.serve_join(ns, invite, label)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await ns.aclose()
+            return
+        await self._run_link(ns, label, initiator=False)
 
     async def _run_link(self, ns: NoiseStream, label: str, initiator: bool) -> None:
         remote = ns.remote_static
@@ -190,6 +259,9 @@ class Agent:
                 log.info("connected to %s", label)
                 try:
                     await conn.run()
+                except NotAMember as e:
+                    self.group.counters["sessions_refused"] += 1
+                    log.warning("connection with %s: %s", label, e)
                 except PeerClosed as e:
                     log.info("connection with %s ended: %s", label, e)
                     if "protocol error" in str(e):
@@ -200,6 +272,8 @@ class Agent:
                     log.exception("connection with %s failed unexpectedly; closed", label)
             if self.links.get(remote) is link:
                 del self.links[remote]
+                if conn.peer_site is not None:
+                    self.group.last_seen[conn.peer_site] = time.time()
             link.closed.set()
         finally:
             with trio.CancelScope(shield=True):
@@ -243,7 +317,7 @@ class Agent:
                     st.last_error = str(e)
                     log.debug("dial: %s", e)
                     continue
-                ns = await self._secure(stream, True, address)
+                ns, _ = await self._secure(stream, True, address, attempt=failures)
                 if ns is None:
                     st.last_error = f"handshake with {address} failed"
                     continue
@@ -266,7 +340,7 @@ class Agent:
     async def _discover(self) -> None:
         host, port = self.listen_address
         interfaces = list(self.config.interfaces) or (None if host in ("0.0.0.0", "") else [host])
-        disc = MdnsDiscovery(self.site_id, self.device.group, port, interfaces)
+        disc = MdnsDiscovery(self.site_id, _Tags(self.members), port, interfaces)
         async with trio.open_nursery() as n:
             n.start_soon(self._on_discovery, disc, n)
             try:
@@ -315,6 +389,7 @@ class Agent:
                         if (n := await self.worker.stamp()) is not None:
                             log.debug("stamped local writes as db version %d", n)
                             self.bus.notify()
+                        await self.group.reload()
                         break
                     if step == len(COMMIT_VISIBLE_RETRIES):
                         break
@@ -347,7 +422,13 @@ class Agent:
             if n:
                 self.bus.notify()
             return {"released": n}
-        return {"error": f"unknown command {cmd!r}; known: status, release"}
+        if cmd == "members-changed":   # the CLI wrote membership events; pick them up now
+            await self.group.reload()
+            return {"ok": True}
+        if cmd == "devices":
+            connected = {link.conn.member.site.hex() for link in self.links.values() if link.conn.member}
+            return {"last_seen": {s.hex(): t for s, t in self.group.last_seen.items()}, "connected": sorted(connected)}
+        return {"error": f"unknown command {cmd!r}; known: status, release, devices"}
 
     async def status(self) -> dict:
         vv = await self.worker.version_vector()
@@ -356,6 +437,7 @@ class Agent:
         peers = []
         for key, link in self.links.items():
             peers.append({"address": link.address, "state": "connected", "key": key.hex()[:16],
+                          "name": self.members.name_of(link.conn.member.site) if link.conn.member else None,
                           "connected_for_s": round(now - link.since, 1), **link.conn.status(vv)})
         for name, st in self.dialers.items():
             if st.state not in ("connected", "gone") and st.peer_key not in self.links:
@@ -366,7 +448,9 @@ class Agent:
         counters["relay_rejected_changes"] = self.relay_state.rejected if self.relay_state else 0
         return {
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
-            "group": self.device.group.group_id.hex(),
+            "group": self.device.group_id.hex(),
+            "state": "removed" if self.removed else "syncing",
+            "membership": self.group.status(),
             "listen": f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None,
             "version_vector": {s.hex(): n for s, n in vv.items()},
             "tracked": [s.name for s in self.store.tracked()],
@@ -386,23 +470,56 @@ class Agent:
             await n.start(serve_control, self.device.home / "agent.sock", self._control)
             n.start_soon(self._watch_db)
             n.start_soon(self._retry_held)
-            for h, p in self.config.peers:
-                st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses={(h, p)})
-                n.start_soon(self._dial_loop, st)
             if self.config.relay:
                 h, p = self.config.relay
                 self.relay_state = RelayState(f"{h}:{p}")
-                n.start_soon(keep_relay_session, self, h, p, self.relay_state)
-            if self.config.mdns:
-                n.start_soon(self._discover)
+            n.start_soon(self._sync)
             n.start_soon(self._watchdog)
             log.info("agent %s listening on %s:%d, %d static peers", self.device.name,
                      *self.listen_address, len(self.config.peers))
             self.notifier.ready(f"listening on {self.listen_address[0]}:{self.listen_address[1]}")
             task_status.started(self.listen_address)
 
+    async def _sync(self) -> None:
+        """Dialers, the relay session and discovery: everything that reaches out to peers."""
+        if self.members.removed_self() is not None:
+            self.stop_syncing(self.group.removal_text())
+            return
+        if self.members.keys is None or self.members.keys.current is None:
+            log.warning("this device holds no key of its group's current epoch yet; an admin's agent sends it "
+                        "one when they next meet")
+        with self._sync_scope:
+            async with trio.open_nursery() as n:
+                for h, p in self.config.peers:
+                    st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses={(h, p)})
+                    n.start_soon(self._dial_loop, st)
+                if self.relay_state is not None:
+                    h, p = self.config.relay
+                    n.start_soon(keep_relay_session, self, h, p, self.relay_state)
+                if self.config.mdns:
+                    n.start_soon(self._discover)
+        for st in self.dialers.values():
+            st.state = "stopped"
+        if self.relay_state is not None:
+            self.relay_state.state = "stopped"
+
     def close(self) -> None:
         self.store.close()
+
+
+class _Tags:
+    """The group's mDNS tags as discovery needs them, from the current keys."""
+
+    def __init__(self, members):
+        self.members = members
+
+    def mdns_tag(self, day: int) -> str:
+        ring = self.members.keys
+        return ring.all[0].mdns_tag(day) if ring is not None and ring.all else "0" * 16
+
+    def mdns_tags(self, day: int) -> set[str]:
+        ring = self.members.keys
+        return ring.mdns_tags(day) if ring is not None else set()
 
 
 def _count(items) -> dict:

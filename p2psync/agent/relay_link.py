@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from ..net.connection import Connection, PeerClosed, dial
+from ..group import Admission
+from ..net.connection import Connection, NotAMember, PeerClosed, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
@@ -92,9 +93,23 @@ class RelayContext:
     def __init__(self, agent, state: RelayState):
         self.agent, self.state = agent, state
         self.site_id, self.schema, self.bus = agent.site_id, agent.schema, agent.bus
-        self.worker = SealingWorker(agent.worker, Sealer(agent.device.group.data_key()), state)
+        self.members = agent.members
+        ring = lambda: agent.members.keys  # noqa: E731 - the ring changes when the log does
+        sealer = Sealer(lambda: ring().current if ring() else None,
+                        lambda kid: ring().by_key_id.get(kid) if ring() else None)
+        self.worker = SealingWorker(agent.worker, sealer, state)
 
     wall_ms = staticmethod(wall_ms)
+
+    def admit(self, conn: Connection):
+        """The relay is not a member: it proved the group's relay PSK and admits us by our key."""
+        return Admission(None)
+
+    def screen(self, conn: Connection, batch):
+        return self.agent.screen(conn, batch)
+
+    async def on_members(self, conn: Connection, events) -> None:
+        await self.agent.on_members(conn, events)
 
     def on_hello(self, conn: Connection, hello) -> None:
         log.info("%s says hello", conn.label)
@@ -105,12 +120,16 @@ class RelayContext:
 
 async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> None:
     """Keep a session with the relay at host:port: dial, back off, retry, forever."""
-    group = agent.device.group
-    token = group.relay_token()
-    ref = group_ref(token)
     address = f"{host}:{port}"
     backoff = 0.2
     while True:
+        ring = agent.members.keys
+        token = ring.relay_psk if ring is not None else None
+        if token is None:
+            state.state, state.last_error = "waiting", "this device holds no key of its group yet"
+            await trio.sleep(5)
+            continue
+        ref = group_ref(token)
         state.state = "connecting"
         started = trio.current_time()
         try:
@@ -146,6 +165,9 @@ async def _run_session(agent, ns: NoiseStream, address: str, state: RelayState) 
     log.info("connected to relay %s", address)
     try:
         await conn.run()
+    except NotAMember as e:
+        state.last_error = f"refused: {e}"
+        log.warning("relay %s: %s", address, e)
     except PeerClosed as e:
         state.last_error = f"session ended: {e}"
     except (trio.BrokenResourceError, trio.ClosedResourceError) as e:

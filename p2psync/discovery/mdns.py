@@ -23,6 +23,8 @@ least); liveness comes from session heartbeats.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import asyncio
 import hmac
 import ipaddress
@@ -45,7 +47,7 @@ from zeroconf import (
     Zeroconf,
 )
 
-from ..identity import Group, day_number
+from ..identity import day_number
 from ..protocol.limits import PROTOCOL_VERSION
 from .portal import ThreadPortal
 
@@ -83,19 +85,30 @@ class PeerGone:
     instance: str
 
 
-def txt_properties(group: Group, day: int) -> dict[str, str]:
+class GroupTags(Protocol):
+    """Where the group's mDNS tags come from (the current key epoch, and the past ones to match)."""
+
+    def mdns_tag(self, day: int) -> str:
+        """The tag we advertise on UTC day ``day``."""
+
+    def mdns_tags(self, day: int) -> set[str]:
+        """Every tag a member may advertise on ``day`` (members that missed a key rotation use an old one)."""
+
+
+def txt_properties(group: GroupTags, day: int) -> dict[str, str]:
     """The TXT entries we advertise on UTC day ``day``: protocol version and group tag, nothing else."""
     return {"v": str(PROTOCOL_VERSION), "g": group.mdns_tag(day)}
 
 
-def tag_matches(group: Group, tag: object, now: float) -> bool:
-    """Whether ``tag`` (raw TXT value) is ``group``'s tag for yesterday, today or tomorrow at ``now``."""
+def tag_matches(group: GroupTags, tag: object, now: float) -> bool:
+    """Whether ``tag`` (raw TXT value) is one of ``group``'s tags for yesterday, today or tomorrow at ``now``."""
     if not isinstance(tag, bytes):
         return False
     day = day_number(now)
     found = False
     for d in (day - 1, day, day + 1):
-        found |= hmac.compare_digest(tag, group.mdns_tag(d).encode("ascii"))
+        for t in group.mdns_tags(d):
+            found |= hmac.compare_digest(tag, t.encode("ascii"))
     return found
 
 
@@ -115,7 +128,7 @@ class MdnsDiscovery:
     def __init__(
         self,
         site_id: bytes,
-        group: Group,
+        group: GroupTags,
         port: int,
         interfaces: list[str] | None = None,
         *,

@@ -1,6 +1,12 @@
 """The per-connection pump: NoiseStream <-> protocol Session <-> store.
 
-How this works: after the Noise handshake each side sends Hello. Four tasks
+How this works: after the Noise handshake each side first checks the
+other's static key against the group's membership: a removed device is sent
+the membership log (so it learns of its removal) and an Error, and nothing
+else. Then both sides exchange membership heads; if they differ, each sends
+its whole log once, merges the other's, and checks the peer again (a device
+added a moment ago is known by now; one that is not a member is refused
+before any Hello or data). Only then does each side send Hello. Four tasks
 share the connection. The reader feeds received bytes to the Session and
 acts on events: it answers pings and hands batches to the applier. The
 applier applies complete batches in a worker thread, in order, and acks each
@@ -20,8 +26,8 @@ from functools import partial
 
 import trio
 
-from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Ping,
-                        ProtocolError, Session)
+from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Members, Ping,
+                        ProtocolError, RemoteProtocolError, Session)
 from ..store import StoreError
 from ..sync import GroupTooLarge, PeerSync
 
@@ -47,6 +53,10 @@ class PeerClosed(Exception):
     """The connection ended; the message says why."""
 
 
+class NotAMember(PeerClosed):
+    """The peer is not a current member of the group (or we are not): refused before any data."""
+
+
 async def dial(host: str, port: int, timeout: float) -> trio.SocketStream:
     """A TCP connection to host:port; OSError saying where and why if there is none within ``timeout`` s."""
     try:
@@ -59,8 +69,10 @@ async def dial(host: str, port: int, timeout: float) -> trio.SocketStream:
 class Connection:
     """One authenticated connection to one peer."""
 
-    def __init__(self, stream, ctx, label: str, settings: SyncSettings):
+    def __init__(self, stream, ctx, label: str, settings: SyncSettings, remote_static: bytes | None = None):
         self.stream, self.ctx, self.label, self.settings = stream, ctx, label, settings
+        self.remote_static = remote_static if remote_static is not None else getattr(stream, "remote_static", None)
+        self.member = None          # the peer's membership record, once admitted
         self.session = Session(ctx.site_id, heartbeat_interval=settings.heartbeat_interval,
                                idle_timeout=settings.idle_timeout, hello_timeout=settings.hello_timeout,
                                window=settings.window)
@@ -76,6 +88,7 @@ class Connection:
         # so it overlaps with the applier.
         self._prepare = getattr(ctx.worker, "prepare", None)
         self._peer_eof = False
+        self.admitted = False
 
     def _now(self) -> float:
         return trio.current_time()
@@ -100,9 +113,11 @@ class Connection:
     async def run(self) -> None:
         """Sync with the peer until the connection ends; raises PeerClosed with the reason."""
         ctx = self.ctx
-        vv = await ctx.worker.version_vector()
-        await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv))
         try:
+            with trio.fail_after(self.settings.hello_timeout):
+                await self._exchange_members()
+            vv = await ctx.worker.version_vector()
+            await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv))
             # The first task to fail records why and cancels the others, so the
             # reason leaves here as itself, not wrapped in an ExceptionGroup
             # (trio's nurseries are strict) that no handler below would match.
@@ -115,6 +130,9 @@ class Connection:
                 n.start_soon(self._guard, self._timer, n.cancel_scope)
             if self._failure is not None:
                 raise self._failure
+        except trio.TooSlowError:
+            await self._send_error("hello-timeout", f"no membership exchange within {self.settings.hello_timeout:g} s")
+            raise PeerClosed(f"peer completed no membership exchange within {self.settings.hello_timeout:g} s") from None
         except ProtocolError as e:
             await self._send_error(e.code, str(e))
             raise PeerClosed(f"protocol error: {e}") from e
@@ -124,6 +142,85 @@ class Connection:
         except StoreError as e:
             await self._send_error("apply-failed", str(e))
             raise PeerClosed(f"could not apply a batch: {e}") from e
+
+    # -- membership -------------------------------------------------------------
+
+    def _refusal(self) -> str | None:
+        """Why this session may not sync (now), or None."""
+        if self.ctx.members.removed_self() is not None:
+            return "self-removed"
+        adm = self.ctx.admit(self)
+        self.member = adm.member
+        return adm.reason
+
+    async def refuse(self, reason: str) -> None:
+        """Tell the peer it is not (or no longer) a member, with the log that says so; then raise NotAMember."""
+        members = self.ctx.members
+        who = members.who(self.member.site) if self.member is not None else "an unknown device"
+        if reason == "self-removed":
+            raise NotAMember("this device has been removed from the group")
+        if reason in ("removed", "succeeded"):
+            m = self.member
+            by = members.who(m.removed_by) if m.removed_by else "the membership rules"
+            text = (f"{who} was removed from the group by {by}; it can no longer sync: its data stays on it. "
+                    f"To take part again, ask an admin for a new invite and join as a new device"
+                    if reason == "removed" else f"{who} continues under a new site id; its old keys are retired")
+            with trio.move_on_after(1):
+                try:
+                    await self._write(Members(members.heads, tuple(members.encoded())))
+                except Exception:
+                    pass
+            await self._send_error("not-a-member", text)
+            raise NotAMember(f"refused {who} ({self.label}): {reason} from the group")
+        await self._send_error("not-a-member", "this device's key is not a current member of the group here; "
+                                               "if it joined a moment ago, it will be let in once its admission "
+                                               "reaches this device")
+        raise NotAMember(f"refused {self.label}: its static key is not a member of the group")
+
+    async def _exchange_members(self) -> None:
+        """Check the peer, swap membership logs if they differ, check again; NotAMember if refused."""
+        why = self._refusal()
+        if why not in (None, "unknown-device"):
+            await self.refuse(why)
+        members = self.ctx.members
+        announced = members.heads
+        await self._write(Members(announced, ()))
+        theirs = await self._next_members()
+        if tuple(theirs.heads) != tuple(announced):
+            await self._write(Members(members.heads, tuple(members.encoded())))
+            full = await self._next_members()
+            if full.events:
+                await self.ctx.on_members(self, full.events)
+        why = self._refusal()
+        if why is not None:
+            await self.refuse(why)
+        self.admitted = True
+
+    async def _next_members(self) -> Members:
+        """The peer's next Members event (exchange phase: nothing else may come before its Hello)."""
+        while True:
+            ev = self.session.next_event()
+            if ev is NEED_DATA:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.session.receive_data(data, self._now())
+                self.last_seen = self._now()
+                continue
+            if ev is CLOSED:
+                raise PeerClosed("peer closed the connection during the membership exchange")
+            if type(ev) is Members:
+                return ev
+            if type(ev) is Error:
+                if ev.code == "not-a-member":
+                    raise NotAMember(f"peer refused us: {ev.message}")
+                raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
+            raise PeerClosed(f"peer sent {type(ev).__name__} before the membership exchange ended")
+
+    async def push_members(self, encoded: tuple[bytes, ...]) -> None:
+        """Pass new membership events on to this peer (best effort: a broken connection ends anyway)."""
+        try:
+            await self._write(Members(self.ctx.members.heads, encoded))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            pass
 
     async def _guard(self, task, scope: trio.CancelScope) -> None:
         try:
@@ -172,38 +269,48 @@ class Connection:
         session = self.session
         with applies:
             while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                session.receive_data(data, self._now())
-                self.last_seen = self._now()
-                while True:
-                    ev = session.next_event()
-                    if ev is NEED_DATA:
-                        break
-                    if ev is CLOSED:
-                        self._peer_eof = True
-                        return  # closing the queue: the applier finishes it, then ends the connection
-                    t = type(ev)
-                    if t is BatchEvent:
-                        # decoding (and preparing) the next batch overlaps with applying this one
-                        batch = self.peer.received_part(ev.batch, ev.more)
-                        if batch is not None and self._prepare is not None:
-                            batch = await self._prepare(batch)
-                        await applies.send((ev.seq, batch))
-                    elif t is Ack:
-                        self._window.set()
-                    elif t is Ping:
-                        await self._write(ev.response())
-                    elif t is Hello:
-                        self.peer_site = ev.site_id
-                        self.peer_vv = ev.vv
-                        self.peer = PeerSync(ev.vv)
-                        if self.ctx.check_schema and ev.schema != self.ctx.schema:
-                            log.warning("peer %s tracks a different schema; changes to tables or columns "
-                                        "unknown here will be held until they are tracked", self.label)
-                        self.ctx.on_hello(self, ev)
-                        self._hello.set()
-                    elif t is Error:
-                        raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
+                ev = session.next_event()
+                if ev is NEED_DATA:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    session.receive_data(data, self._now())
+                    self.last_seen = self._now()
+                    continue
+                if ev is CLOSED:
+                    self._peer_eof = True
+                    return  # closing the queue: the applier finishes it, then ends the connection
+                t = type(ev)
+                if t is BatchEvent:
+                    # decoding (and preparing) the next batch overlaps with applying this one
+                    batch = self.peer.received_part(ev.batch, ev.more)
+                    if batch is not None and self._prepare is not None:
+                        batch = await self._prepare(batch)
+                    if batch is not None:
+                        batch = self.ctx.screen(self, batch)
+                    await applies.send((ev.seq, batch))
+                elif t is Ack:
+                    self._window.set()
+                elif t is Ping:
+                    await self._write(ev.response())
+                elif t is Members:
+                    if ev.events:
+                        await self.ctx.on_members(self, ev.events)
+                elif t is Hello:
+                    self.peer_site = ev.site_id
+                    self.peer_vv = ev.vv
+                    self.peer = PeerSync(ev.vv)
+                    if self.member is not None and ev.site_id != self.member.site:
+                        raise RemoteProtocolError(
+                            "wrong-site", f"peer says it is site {ev.site_id.hex()[:12]}, but its key belongs to "
+                                          f"{self.ctx.members.who(self.member.site)}")
+                    if self.ctx.check_schema and ev.schema != self.ctx.schema:
+                        log.warning("peer %s tracks a different schema; changes to tables or columns "
+                                    "unknown here will be held until they are tracked", self.label)
+                    self.ctx.on_hello(self, ev)
+                    self._hello.set()
+                elif t is Error:
+                    if ev.code == "not-a-member":
+                        raise NotAMember(f"peer refused us: {ev.message}")
+                    raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
 
     async def _sender(self) -> None:
         await self._hello.wait()

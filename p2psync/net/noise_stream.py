@@ -7,6 +7,12 @@ chunks of at most 65519 bytes, encrypts each into one transport message and
 frames it the same way; ``receive_some`` reads one frame at a time, decrypts
 it and hands out the plaintext. A frame that fails to decrypt, a frame cut
 short by EOF, or any handshake error breaks the stream for good.
+
+The handshake object is a HandshakeState or anything shaped like one, such
+as the ``MultiPskResponder`` from ``agent_responder``, which accepts an
+initiator using any of several PSKs; after a successful handshake
+``psk_index`` says which of its PSKs the peer used (None for an initiator or
+a single-PSK HandshakeState, and until the handshake has succeeded).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import operator
 
 import trio
 
-from ..noise import HandshakeState, NoiseError, NoiseTransport
+from ..noise import HandshakeState, MultiPskResponder, NoiseError, NoiseTransport
 from ..noise.transport import MAX_PLAINTEXT_LEN
 
 LEN_BYTES = 2
@@ -29,11 +35,17 @@ class HandshakeFailed(trio.BrokenResourceError):
 class NoiseStream(trio.abc.Stream):
     """A Stream whose bytes are Noise transport messages on ``transport_stream``."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, handshake: HandshakeState):
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        handshake: HandshakeState | MultiPskResponder,
+    ):
         self.transport_stream = transport_stream
         self._hs = handshake
         self._noise: NoiseTransport | None = None
         self._remote_static: bytes | None = None
+        self._handshake_hash: bytes | None = None
+        self._psk_index: int | None = None
         self._inbuf = bytearray()      # ciphertext frames not yet decrypted
         self._plain = bytearray()      # decrypted bytes not yet handed out
         self._handshake_lock = trio.Lock()
@@ -51,8 +63,14 @@ class NoiseStream(trio.abc.Stream):
         return self._remote_static
 
     @property
-    def handshake_hash(self) -> bytes:
+    def handshake_hash(self) -> bytes | None:
+        """The handshake transcript hash, for channel binding (after the handshake)."""
         return self._handshake_hash
+
+    @property
+    def psk_index(self) -> int | None:
+        """Which candidate PSK the peer used (multi-PSK responder, after the handshake)."""
+        return self._psk_index
 
     async def do_handshake(self) -> None:
         """Run the handshake if it has not run yet; HandshakeFailed if it fails."""
@@ -78,6 +96,7 @@ class NoiseStream(trio.abc.Stream):
                 raise
             self._remote_static = self._hs.remote_static
             self._handshake_hash = self._hs.handshake_hash
+            self._psk_index = getattr(self._hs, "psk_index", None)
             self._noise = NoiseTransport.from_handshake(self._hs)
 
     async def _read_frame(self) -> bytes | None:

@@ -28,6 +28,11 @@ class StoreWorker:
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    async def call(self, fn, *args):
+        """Run ``fn(*args)`` (a store method) in a worker thread, one writer at a time."""
+        async with self._write_lock:
+            return await self._run(fn, *args)
+
     async def stamp(self) -> int | None:
         async with self._write_lock:
             return await self._run(self.store.stamp, wall_ms())

@@ -22,15 +22,16 @@ import msgpack
 from ..model import VersionVector
 from .batchwire import WireError, batch_from_wire, batch_to_wire, check_value_lengths
 from .errors import LocalProtocolError, describe
-from .events import Ack, BatchEvent, Error, Event, Hello, Ping, Pong, event_name
+from .events import Ack, BatchEvent, Error, Event, Hello, Members, Ping, Pong, event_name
 from .limits import (
     FRAME_HEADER_LEN, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_FRAME, MAX_MAP_LEN, MAX_SCHEMA_LEN, MAX_STR_LEN, MAX_VALUE_BYTES, MAX_VV_ENTRIES, PROTOCOL_VERSION,
+    MAX_FRAME, MAX_MAP_LEN, MAX_MEMBER_EVENT_BYTES, MAX_MEMBER_EVENTS, MAX_MEMBER_HEADS, MAX_SCHEMA_LEN,
+    MEMBER_HASH_LEN, MAX_STR_LEN, MAX_VALUE_BYTES, MAX_VV_ENTRIES, PROTOCOL_VERSION,
     SITE_ID_LEN, U63_MAX,
 )
 
-HELLO, BATCH, ACK, PING, PONG, ERROR = 1, 2, 3, 4, 5, 6
-_TAGS = {Hello: HELLO, BatchEvent: BATCH, Ack: ACK, Ping: PING, Pong: PONG, Error: ERROR}
+HELLO, BATCH, ACK, PING, PONG, ERROR, MEMBERS = 1, 2, 3, 4, 5, 6, 7
+_TAGS = {Hello: HELLO, BatchEvent: BATCH, Ack: ACK, Ping: PING, Pong: PONG, Error: ERROR, Members: MEMBERS}
 _ERROR_CODE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
@@ -84,6 +85,29 @@ def _encode_batch(e: BatchEvent) -> list:
     return [BATCH, e.seq, e.more, *wire]
 
 
+def _members_fields(heads: object, events: object) -> None:
+    if type(heads) is not tuple or len(heads) > MAX_MEMBER_HEADS:
+        raise _Bad(f"heads must be a list of at most {MAX_MEMBER_HEADS} hashes, got {describe(heads)}")
+    for h in heads:
+        if type(h) is not bytes or len(h) != MEMBER_HASH_LEN:
+            raise _Bad(f"a head must be {MEMBER_HASH_LEN} bytes, got {describe(h)}")
+    if type(events) is not tuple or len(events) > MAX_MEMBER_EVENTS:
+        raise _Bad(f"events must be a list of at most {MAX_MEMBER_EVENTS} events, got {describe(events)}")
+    for ev in events:
+        if type(ev) is not bytes or not 0 < len(ev) <= MAX_MEMBER_EVENT_BYTES:
+            raise _Bad(f"an event must be 1..{MAX_MEMBER_EVENT_BYTES} bytes, got {describe(ev)}")
+
+
+def _encode_members(e: Members) -> list:
+    _members_fields(tuple(e.heads), tuple(e.events))
+    return [MEMBERS, list(e.heads), list(e.events)]
+
+
+def _decode_members(heads, events) -> Members:
+    _members_fields(heads, events)
+    return Members(heads, events)
+
+
 def _encode_error(e: Error) -> list:
     _error_fields(e.code, e.message)
     return [ERROR, e.code, e.message]
@@ -96,6 +120,7 @@ _ENCODERS = {
     PING: lambda e: [PING, _u63(e.token, "token")],
     PONG: lambda e: [PONG, _u63(e.token, "token")],
     ERROR: _encode_error,
+    MEMBERS: _encode_members,
 }
 
 
@@ -169,6 +194,7 @@ _DECODERS = {
     PING: ("Ping", 1, lambda token: Ping(_u63(token, "token"))),
     PONG: ("Pong", 1, lambda token: Pong(_u63(token, "token"))),
     ERROR: ("Error", 2, _decode_error),
+    MEMBERS: ("Members", 2, _decode_members),
 }
 
 

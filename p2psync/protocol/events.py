@@ -59,6 +59,19 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Members:
+    """Membership log exchange: the sender's log heads and encoded signed events the peer may lack.
+
+    Each side sends one with ``events=()`` right after the handshake (its
+    heads); when heads differ both send their whole log once, and later
+    events are pushed as they appear. Allowed before and after Hello.
+    """
+
+    heads: tuple[bytes, ...]      # 32-byte event hashes
+    events: tuple[bytes, ...]     # encoded events (model.membership.encode_event)
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Last event of a side: why it is closing. ``code`` is [a-z0-9-]+."""
 
@@ -66,9 +79,9 @@ class Error:
     message: str
 
 
-Event = Hello | BatchEvent | Ack | Ping | Pong | Error
+Event = Hello | BatchEvent | Ack | Ping | Pong | Members | Error
 
-EVENT_TYPES = (Hello, BatchEvent, Ack, Ping, Pong, Error)
+EVENT_TYPES = (Hello, BatchEvent, Ack, Ping, Pong, Members, Error)
 
 
 def event_name(event_type: type) -> str:

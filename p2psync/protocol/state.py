@@ -1,7 +1,7 @@
 """The session state machine: one table of legal transitions.
 
 Each side of a session (us, the peer) has its own state. A side starts in
-AWAIT_HELLO, moves to SYNCING by sending Hello, and ends in CLOSED by sending
+AWAIT_HELLO (where it may exchange Members), moves to SYNCING by sending Hello, and ends in CLOSED by sending
 Error or (peer only) closing the connection. Every legal (state, event type)
 pair is in ``TRANSITIONS``; anything else raises ``LocalProtocolError`` naming
 the event, the side and the state.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 
 from .errors import LocalProtocolError
-from .events import Ack, BatchEvent, Error, Hello, Ping, Pong, event_name
+from .events import Ack, BatchEvent, Error, Hello, Members, Ping, Pong, event_name
 
 
 class State(enum.Enum):
@@ -29,12 +29,14 @@ class Eof:
 
 TRANSITIONS: dict[tuple[State, type], State] = {
     (State.AWAIT_HELLO, Hello): State.SYNCING,
+    (State.AWAIT_HELLO, Members): State.AWAIT_HELLO,
     (State.AWAIT_HELLO, Error): State.CLOSED,
     (State.AWAIT_HELLO, Eof): State.CLOSED,
     (State.SYNCING, BatchEvent): State.SYNCING,
     (State.SYNCING, Ack): State.SYNCING,
     (State.SYNCING, Ping): State.SYNCING,
     (State.SYNCING, Pong): State.SYNCING,
+    (State.SYNCING, Members): State.SYNCING,
     (State.SYNCING, Error): State.CLOSED,
     (State.SYNCING, Eof): State.CLOSED,
 }

@@ -6,9 +6,15 @@ group (its ref); the relay looks the group up among the admitted ones (in
 Postgres, so a group admitted by another relay process is found too) and
 runs the Noise handshake with that group's relay token as the pre-shared
 key: only devices holding the group key can derive the token, so only they
-get through. From then on the session is an ordinary sync session
-(``net.Connection``) over a ``PostgresStore`` for that one group: a device
-can read and write its own group's changes and nothing else.
+get through. The PSK only keeps strangers out of the handshake; what admits
+a device is its static key: the relay keeps each group's signed membership
+log (pinned at admission by the hash of the group's found event, so only
+the founding admin's chain of signatures counts) and lets a session sync
+only while the log lists the device's key as a current member. A removed
+key is refused as soon as the relay holds the removal, and open sessions
+of that key are closed. From then on the session is an ordinary sync
+session (``net.Connection``) over a ``PostgresStore`` for that one group: a
+device can read and write its own group's changes and nothing else.
 
 Every apply NOTIFYs ``p2psync_relay`` with the group id; each relay process
 turns a notification into a wake-up of that group's sessions, so a change
@@ -27,9 +33,10 @@ from functools import partial
 import psycopg
 import trio
 
+from ..group import Admission, GroupMembers
 from ..logsetup import setup_logging
 from ..net.bus import ChangeBus
-from ..net.connection import Connection, PeerClosed, SyncSettings
+from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
@@ -51,7 +58,10 @@ class GroupState:
 
     id: int
     token: bytes = field(repr=False)
+    members: GroupMembers
     bus: ChangeBus = field(default_factory=ChangeBus)
+    mark: int = 0
+    sessions: dict = field(default_factory=dict)     # Connection -> its cancel scope
 
 
 class SessionContext:
@@ -60,13 +70,30 @@ class SessionContext:
     check_schema = False  # devices track tables; the relay stores sealed cells of any schema
 
     def __init__(self, relay: Relay, group: GroupState, store: PostgresStore):
-        self.group = group
+        self.relay, self.group, self.store = relay, group, store
         self.worker = StoreWorker(store)
         self.site_id = relay.site_id
         self.schema = store.schema_fingerprint()
         self.bus = group.bus
+        self.members = group.members
 
     wall_ms = staticmethod(wall_ms)
+
+    def admit(self, conn: Connection) -> Admission:
+        return self.members.admit(conn.remote_static)
+
+    def screen(self, conn: Connection, batch):
+        out, refused, whose = self.members.screen(batch)
+        if refused:
+            log.warning("group %d: refused %d changes from %s of devices that are not members or were removed",
+                        self.group.id, refused, conn.label)
+        return out
+
+    async def on_members(self, conn: Connection, events) -> None:
+        new = self.members.load(list(events))
+        if new:
+            await trio.to_thread.run_sync(self.store.add_member_events, self.members.pairs(new))
+            await self.relay.spread(self.group, new, conn)
 
     def on_hello(self, conn: Connection, hello) -> None:
         log.info("device %s (site %s) of group %d says hello", conn.label, hello.site_id.hex()[:12], self.group.id)
@@ -92,33 +119,83 @@ class Relay:
         self.site_id = b""
         self._static = b""
 
-    def prepare(self, admit: list[tuple[bytes, bytes]] = ()) -> list[str]:
+    def prepare(self, admit: list[tuple[bytes, bytes, bytes, bytes]] = ()) -> list[str]:
         """Create or migrate the schema, load the relay's identity and admit groups (blocking)."""
         with connect(self.dsn) as conn:
             applied = migrate(conn)
             self.site_id = relay_site_id(conn)
             self._static = relay_static_private(conn)
-            for ref, token in admit:
-                gid = admit_group(conn, ref, token)
+            for ref, token, group_id, found in admit:
+                gid = admit_group(conn, ref, token, group_id, found)
                 log.info("group %d admitted (ref %s)", gid, ref.hex()[:12])
         return applied
 
     # -- groups ---------------------------------------------------------------
 
-    def _lookup(self, ref: bytes) -> tuple[int, bytes] | None:
+    def _lookup(self, ref: bytes):
         with connect(self.dsn) as conn:
-            return find_group(conn, ref)
+            found = find_group(conn, ref)
+            if found is None:
+                return None
+            gid = found[0]
+            events = [bytes(r[0]) for r in conn.execute("SELECT data FROM p2p_members WHERE grp = %s ORDER BY id",
+                                                        (gid,))]
+            mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s", (gid,)).fetchone()[0]
+            return found, events, mark
 
     async def _group(self, ref: bytes) -> GroupState | None:
         g = self.groups.get(ref)
         if g is None:
-            found = await trio.to_thread.run_sync(self._lookup, ref)
-            if found is None:
+            looked = await trio.to_thread.run_sync(self._lookup, ref)
+            if looked is None:
                 return None
+            (gid, psk, _group_id, found), events, mark = looked
             g = self.groups.get(ref)  # another connection may have loaded it meanwhile
             if g is None:
-                g = self.groups[ref] = self.by_id[found[0]] = GroupState(found[0], found[1])
+                members = GroupMembers(found)
+                members.load(events)
+                g = self.groups[ref] = self.by_id[gid] = GroupState(gid, psk, members, mark=mark)
         return g
+
+    async def reload_members(self, g: GroupState) -> None:
+        """Pick up membership events another relay process stored; close sessions they refuse."""
+        def read():
+            with connect(self.dsn) as conn:
+                mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
+                                    (g.id,)).fetchone()[0]
+                if mark == g.mark:
+                    return mark, []
+                return mark, [bytes(r[0]) for r in conn.execute(
+                    "SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (g.id,))]
+        try:
+            mark, events = await trio.to_thread.run_sync(read)
+        except StoreError as e:
+            log.warning("group %d: cannot reload membership: %s", g.id, e)
+            return
+        g.mark = mark
+        new = g.members.load(events)
+        if new:
+            await self.spread(g, new, None)
+
+    async def spread(self, g: GroupState, new, source) -> None:
+        """Pass new membership events to this process's other sessions of the group; close refused ones."""
+        for ev in new:
+            log.info("group %d: membership %s by site %s", g.id, ev.kind, ev.signer.hex()[:12])
+        encoded = tuple(g.members.encoded(new))
+        async with trio.open_nursery() as n:
+            for conn in list(g.sessions):
+                if conn is not source and conn.admitted:
+                    n.start_soon(_push, conn, encoded)
+        for conn, scope in list(g.sessions.items()):
+            adm = g.members.admit(conn.remote_static)
+            if not adm.ok and conn.admitted:
+                log.warning("group %d: closing the session with %s: its key is %s", g.id, conn.label, adm.reason)
+                with trio.move_on_after(1):
+                    try:
+                        await conn.refuse(adm.reason)
+                    except Exception:
+                        pass
+                scope.cancel()
 
     # -- connections ----------------------------------------------------------
 
@@ -175,9 +252,13 @@ class Relay:
         except StoreError as e:
             log.warning("connection from %s: %s; closed", label, e)
             return
+        conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
         try:
-            conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
-            await conn.run()
+            with trio.CancelScope() as scope:
+                group.sessions[conn] = scope
+                await conn.run()
+        except NotAMember as e:
+            log.warning("session with %s refused: %s", label, e)
         except PeerClosed as e:
             log.info("session with %s ended: %s", label, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -185,6 +266,7 @@ class Relay:
         except Exception:  # a bug costs one session, never the relay
             log.exception("session with %s failed unexpectedly; closed", label)
         finally:
+            group.sessions.pop(conn, None)
             with trio.CancelScope(shield=True):
                 await ns.aclose()
                 await trio.to_thread.run_sync(store.close)
@@ -198,10 +280,12 @@ class Relay:
             return
         if g is not None:
             g.bus.notify()
+            self._nursery.start_soon(self.reload_members, g)
 
     def _wake_all(self) -> None:
         for g in self.by_id.values():
             g.bus.notify()
+            self._nursery.start_soon(self.reload_members, g)
 
     def _listen_thread(self, stop: threading.Event, token: trio.lowlevel.TrioToken) -> None:
         """LISTEN for other relay processes' applies until ``stop``; reconnects after errors."""
@@ -240,10 +324,16 @@ class Relay:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.listen_address = listeners[0].socket.getsockname()[:2]
         async with trio.open_nursery() as n:
+            self._nursery = n
             n.start_soon(self._listen)
             n.start_soon(trio.serve_listeners, self._handle, listeners)
             log.info("relay listening on %s:%d", *self.listen_address)
             task_status.started(self.listen_address)
+
+
+async def _push(conn: Connection, encoded) -> None:
+    with trio.move_on_after(2):
+        await conn.push_members(encoded)
 
 
 async def _receive_exactly(stream, n: int) -> bytes:

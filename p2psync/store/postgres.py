@@ -121,17 +121,20 @@ def _meta(conn: psycopg.Connection, key: str, make) -> bytes:
         return bytes(conn.execute("SELECT value FROM p2p_meta WHERE key = %s", (key,)).fetchone()[0])
 
 
-def admit_group(conn: psycopg.Connection, ref: bytes, token: bytes) -> int:
-    """Admit a group (idempotent); returns its id."""
+def admit_group(conn: psycopg.Connection, ref: bytes, psk: bytes, group_id: bytes, found: bytes) -> int:
+    """Admit a group (idempotent; a group admitted before membership gets its found hash now); returns its id."""
     with conn.transaction():
-        conn.execute("INSERT INTO p2p_groups(ref, token) VALUES (%s, %s) ON CONFLICT (ref) DO NOTHING", (ref, token))
+        conn.execute("INSERT INTO p2p_groups(ref, token, group_id, found) VALUES (%s, %s, %s, %s) "
+                     "ON CONFLICT (ref) DO UPDATE SET group_id = EXCLUDED.group_id, found = EXCLUDED.found "
+                     "WHERE p2p_groups.found IS NULL", (ref, psk, group_id, found))
         return conn.execute("SELECT id FROM p2p_groups WHERE ref = %s", (ref,)).fetchone()[0]
 
 
-def find_group(conn: psycopg.Connection, ref: bytes) -> tuple[int, bytes] | None:
-    """(group id, token) of an admitted group, or None."""
-    row = conn.execute("SELECT id, token FROM p2p_groups WHERE ref = %s", (ref,)).fetchone()
-    return (row[0], bytes(row[1])) if row else None
+def find_group(conn: psycopg.Connection, ref: bytes) -> tuple[int, bytes, bytes, bytes] | None:
+    """(group id, handshake psk, group id bytes, found hash) of an admitted group, or None."""
+    row = conn.execute("SELECT id, token, group_id, found FROM p2p_groups WHERE ref = %s AND found IS NOT NULL",
+                       (ref,)).fetchone()
+    return (row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])) if row else None
 
 
 class PostgresStore:
@@ -147,6 +150,31 @@ class PostgresStore:
         for c in (self._writer, self._reader):
             if c is not None:
                 c.close()
+
+    # -- membership log -------------------------------------------------------
+
+    def member_events(self) -> list[bytes]:
+        """Every membership event of this group stored here (encoded)."""
+        rows = self._writer.execute("SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (self.group,))
+        return [bytes(r[0]) for r in rows]
+
+    def add_member_events(self, events: list[tuple[bytes, bytes]]) -> int:
+        """Store (hash, encoded event) pairs not yet here; how many were new (NOTIFYs when any)."""
+        if not events:
+            return 0
+        with self._writer.transaction():
+            new = 0
+            for h, data in events:
+                cur = self._writer.execute("INSERT INTO p2p_members(grp, hash, data) VALUES (%s, %s, %s) "
+                                           "ON CONFLICT DO NOTHING", (self.group, h, data))
+                new += cur.rowcount
+            if new:
+                self._writer.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self.group}"))
+        return new
+
+    def member_mark(self) -> int:
+        return self._writer.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
+                                    (self.group,)).fetchone()[0]
 
     # -- the Store interface ------------------------------------------------
 

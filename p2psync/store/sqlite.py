@@ -101,6 +101,25 @@ class SqliteStore:
         """Changes when another connection commits (cheap; for change detection)."""
         return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
 
+    # -- membership log -----------------------------------------------------
+
+    def member_events(self) -> list[bytes]:
+        """Every membership event stored here (encoded, unverified)."""
+        return [r[0] for r in self.conn.execute("SELECT data FROM _p2p_members ORDER BY id").fetchall()]
+
+    def add_member_events(self, events: list[tuple[bytes, bytes]]) -> int:
+        """Store (hash, encoded event) pairs not yet here, in one transaction; how many were new."""
+        if not events:
+            return 0
+        with self._write():
+            before = self.conn.total_changes()
+            self.conn.executemany("INSERT OR IGNORE INTO _p2p_members(hash, data) VALUES (?, ?)", events)
+            return self.conn.total_changes() - before
+
+    def member_mark(self) -> int:
+        """Changes whenever an event is added (by this or any other process)."""
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM _p2p_members").fetchall()[0][0]
+
     # -- tracking ---------------------------------------------------------
 
     def track(self, table: str) -> TableSpec:

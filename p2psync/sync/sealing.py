@@ -4,7 +4,12 @@ How this works: a relay stores and serves changes but must not read them.
 Before a batch goes to a relay, every change becomes a *sealed* change:
 
     Change(table="~", pk=(row_ref,), site, dbv, hlc, alive=None,
-           columns=("~",), values=(nonce || ciphertext,))
+           columns=("~",), values=(key id || nonce || ciphertext,))
+
+The data key is the current key epoch's (``identity.keys.EpochKeys``); the
+8-byte key id names the epoch, so a device opens what was sealed under any
+epoch it holds, and a device removed before an epoch began holds no key
+that opens what is sealed under it.
 
 ``row_ref`` is a keyed hash (BLAKE2b with a key, 16 bytes) of the table and
 primary key, so all changes of one row share a ref and nothing else about
@@ -39,6 +44,7 @@ from ..model.change import SEALED_COLUMN, SEALED_TABLE, InvalidChange, check_cha
 
 ROW_REF_LEN = 16
 NONCE_LEN = 12
+KEY_ID_LEN = 8
 _VERSION = struct.Struct(">qq")
 
 
@@ -55,56 +61,86 @@ class OpenResult:
     reasons: list[str] = field(default_factory=list)
 
 
-class Sealer:
-    """Seals and opens changes with one group's data key.
+class _EpochSealer:
+    """The sealing keys of one epoch."""
 
+    def __init__(self, key_id: bytes, data_key: bytes):
+        self.key_id = key_id
+        self.ref_key = _subkey(data_key, b"row ref")
+        self.nonce_key = _subkey(data_key, b"nonce")
+        self.aead = ChaCha20Poly1305(_subkey(data_key, b"aead"))
+
+
+class Sealer:
+    """Seals changes under the current epoch's data key and opens them under any epoch's.
+
+    ``keys()`` returns the current keys (with ``key_id`` and ``data_key()``)
+    and ``lookup(key_id)`` those of any epoch the device holds, or None.
     Seal from one thread at a time and open from one thread at a time (a
     session's sender and reader); each side has its own msgpack packer.
     """
 
-    def __init__(self, data_key: bytes):
-        self._ref_key = _subkey(data_key, b"row ref")
-        self._nonce_key = _subkey(data_key, b"nonce")
-        self._aead = ChaCha20Poly1305(_subkey(data_key, b"aead"))
+    def __init__(self, keys, lookup):
+        self._keys, self._lookup = keys, lookup
+        self._epochs: dict[bytes, _EpochSealer] = {}
         self._seal_pack = msgpack.Packer(use_bin_type=True).pack
         self._open_pack = msgpack.Packer(use_bin_type=True).pack
 
-    def row_ref(self, table: str, pk: tuple, pack=None) -> bytes:
-        """The name a relay knows a row by."""
+    def _epoch(self, k) -> _EpochSealer:
+        e = self._epochs.get(k.key_id)
+        if e is None:
+            e = self._epochs[k.key_id] = _EpochSealer(k.key_id, k.data_key())
+        return e
+
+    def row_ref(self, table: str, pk: tuple, pack=None, epoch: _EpochSealer | None = None) -> bytes:
+        """The name a relay knows a row by (in the current epoch, or ``epoch``)."""
         pack = pack or msgpack.Packer(use_bin_type=True).pack
-        return hashlib.blake2b(pack([table, list(pk)]), key=self._ref_key, digest_size=ROW_REF_LEN).digest()
+        e = epoch or self._epoch(self._keys())
+        return hashlib.blake2b(pack([table, list(pk)]), key=e.ref_key, digest_size=ROW_REF_LEN).digest()
 
     def seal_changes(self, changes) -> list[Change]:
-        """Each of ``changes`` sealed."""
+        """Each of ``changes`` sealed under the current epoch's key."""
         out = []
-        aead, nonce_key, ref_key, pack, version = (self._aead, self._nonce_key, self._ref_key, self._seal_pack,
-                                                   _VERSION.pack)
+        current = self._keys()
+        if current is None:
+            raise ValueError("no key of the group's current epoch is held here; cannot seal for the relay")
+        e = self._epoch(current)
+        aead, nonce_key, ref_key, pack, version, kid = (e.aead, e.nonce_key, e.ref_key, self._seal_pack,
+                                                        _VERSION.pack, e.key_id)
         blake2b = hashlib.blake2b
         for c in changes:
             ident = pack([c.table, list(c.pk)])
             ref = blake2b(ident, key=ref_key, digest_size=ROW_REF_LEN).digest()
-            ad = ref + c.site + version(c.dbv, c.hlc)
+            ad = kid + ref + c.site + version(c.dbv, c.hlc)
             plain = pack([c.table, list(c.pk), c.alive, list(c.columns), list(c.values)])
             nonce = blake2b(ad + plain, key=nonce_key, digest_size=NONCE_LEN).digest()
             out.append(Change(SEALED_TABLE, (ref,), c.site, c.dbv, c.hlc, None, (SEALED_COLUMN,),
-                              (nonce + aead.encrypt(nonce, plain, ad),)))
+                              (kid + nonce + aead.encrypt(nonce, plain, ad),)))
         return out
 
     def _open(self, s: Change) -> Change:
         if (s.table != SEALED_TABLE or len(s.pk) != 1 or type(s.pk[0]) is not bytes
                 or len(s.pk[0]) != ROW_REF_LEN or s.columns != (SEALED_COLUMN,) or s.alive is not None
-                or type(s.values[0]) is not bytes or len(s.values[0]) <= NONCE_LEN):
+                or type(s.values[0]) is not bytes or len(s.values[0]) <= KEY_ID_LEN + NONCE_LEN):
             raise ValueError("not a sealed change")
         ref, blob = s.pk[0], s.values[0]
+        kid = blob[:KEY_ID_LEN]
+        e = self._epochs.get(kid)
+        if e is None:
+            k = self._lookup(kid)
+            if k is None:
+                raise ValueError("sealed under a key epoch this device does not hold")
+            e = self._epoch(k)
+        body = blob[KEY_ID_LEN:]
         try:
-            plain = self._aead.decrypt(blob[:NONCE_LEN], blob[NONCE_LEN:], ref + s.site + _VERSION.pack(s.dbv, s.hlc))
+            plain = e.aead.decrypt(body[:NONCE_LEN], body[NONCE_LEN:], kid + ref + s.site + _VERSION.pack(s.dbv, s.hlc))
         except InvalidTag:
             raise ValueError("authentication failed (altered, moved or from another group)") from None
         try:
             table, pk, alive, columns, values = msgpack.unpackb(plain, raw=False, use_list=False)
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
             raise ValueError("authentic but malformed change") from None
-        if type(pk) is not tuple or type(table) is not str or self.row_ref(table, pk, self._open_pack) != ref:
+        if type(pk) is not tuple or type(table) is not str or self.row_ref(table, pk, self._open_pack, e) != ref:
             raise ValueError("row ref does not match the change's table and key")
         c = Change(table, pk, s.site, s.dbv, s.hlc, alive, columns, values)
         try:

@@ -21,3 +21,11 @@ CREATE TABLE IF NOT EXISTS _p2p_held(
   hlc INTEGER NOT NULL,
   change BLOB NOT NULL     -- msgpack of the change
 );
+-- The group's membership log: signed events (p2psync/model/membership.py), kept
+-- as received; the agent verifies and resolves them. id orders nothing, it only
+-- tells readers that something was added (max(id) changes).
+CREATE TABLE IF NOT EXISTS _p2p_members(
+  id INTEGER PRIMARY KEY,
+  hash BLOB NOT NULL UNIQUE,
+  data BLOB NOT NULL
+);
