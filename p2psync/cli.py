@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("init", parents=[common], help="new device in a new sync group")
     c.add_argument("--db", required=True, help="the application's SQLite database")
     c.add_argument("--name", help="a name for this device (default: host name)")
+    c.add_argument("--reset-sync-state", action="store_true",
+                   help="first drop p2psync's tables from the database (one synced by p2psync 0.1); rows stay")
 
     c = sub.add_parser("invite", parents=[common], help="print a single-use invite code (admins)")
     c.add_argument("--expires", default="24h", metavar="DURATION", help="e.g. 30m, 24h, 7d (default 24h)")
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", default="10m", metavar="DURATION", help="how long to wait for an admin (default 10m)")
     c.add_argument("--admin", action="append", metavar="HOST:PORT", dest="admins",
                    help="an admin's address, tried before the code's")
+    c.add_argument("--reset-sync-state", action="store_true",
+                   help="first drop p2psync's tables from the database (one synced by p2psync 0.1); rows stay")
 
     c = sub.add_parser("devices", parents=[common], help="the group's devices: name, role, added by, last seen")
     c.add_argument("--all", action="store_true", help="also removed and retired devices")
@@ -132,6 +136,7 @@ def cmd_init(args) -> int:
     refuse_existing(home)
     db = Path(args.db).absolute()
     name = check_name(args.name)
+    retrack = _reset(db) if args.reset_sync_state else []
     keys = DeviceKeys.generate()
     group_id = os.urandom(16)
     found = actions.found_group(keys, name, group_id, _now_ms())
@@ -144,8 +149,30 @@ def cmd_init(args) -> int:
     device = create_device(home, db, name, keys, group_id, found.hash)
     print(f"device {device.name} ({device.site_id.hex()[:12]}) created in {device.home}, admin of a new group")
     print(f"database: {db}")
+    _retrack(device, retrack)
     print("next: `p2psync track TABLE` then `p2psync run`; add devices with `p2psync invite`")
     return EXIT_OK
+
+
+def _reset(db: Path) -> list[str]:
+    from .store.sqlite import forget_sync_state
+
+    tables = forget_sync_state(db)
+    print(f"dropped p2psync's sync state from {db} (rows kept); tables to track again: "
+          f"{', '.join(tables) or 'none'}")
+    return tables
+
+
+def _retrack(device, tables: list[str]) -> None:
+    if not tables:
+        return
+    store = SqliteStore(device.db_path, device.site_id)
+    try:
+        for t in tables:
+            store.track(t)
+    finally:
+        store.close()
+    print(f"tracking again: {', '.join(tables)} (their rows are this device's changes now)")
 
 
 def _agent_listen(home: Path) -> str | None:
@@ -279,12 +306,14 @@ def cmd_join(args) -> int:
     if me is None or me.state != "current":
         raise RuntimeError("the admin's reply does not make this device a member (a broken or hostile admin); "
                            "nothing was written")
+    retrack = _reset(db) if args.reset_sync_state else []
     store = SqliteStore(db, keys.site_id)
     try:
         store.add_member_events(members.pairs(members.log.events()))
     finally:
         store.close()
     device = create_device(home, db, name, keys, code.group_id, code.found)
+    _retrack(device, retrack)
     print(f"device {device.name} ({device.site_id.hex()[:12]}) joined group {code.group_id.hex()[:12]} as "
           f"{me.role}, added by {members.name_of(me.added_by)}")
     if members.keys is None or members.keys.current is None:

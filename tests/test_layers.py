@@ -68,3 +68,25 @@ def test_imports_point_down():
             if RANK.get(dst, 99) >= RANK[src]:
                 bad.append(f"{path.relative_to(ROOT.parent)} ({src}) imports {target} ({dst})")
     assert not bad, "imports pointing up or sideways:\n" + "\n".join(bad)
+
+
+IO_MODULES = {"time", "trio", "socket", "threading", "os", "apsw", "psycopg", "asyncio", "subprocess", "select",
+              "selectors", "zeroconf"}
+PURE_UNITS = ("model", "protocol", "noise")
+
+
+def test_the_core_does_no_io():
+    """model/, protocol/ and noise/ import nothing that reads clocks, touches sockets, files or threads."""
+    bad = []
+    for unit in PURE_UNITS:
+        for path in sorted((ROOT / unit).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                for n in names:
+                    if n.split(".")[0] in IO_MODULES:
+                        bad.append(f"{path.relative_to(ROOT.parent)} imports {n}")
+    assert not bad, "I/O in the sans-IO core:\n" + "\n".join(bad)

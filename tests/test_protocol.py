@@ -554,3 +554,41 @@ def test_codec_accepts_exactly_what_the_model_accepts(chs):
         assert e.code == "bad-frame" and not ok
     else:
         assert ok
+
+
+# ---- Members: the membership exchange ----------------------------------------
+
+def test_members_round_trip_before_and_after_hello():
+    from p2psync.protocol import Members
+
+    heads, events = (b"\x01" * 32, b"\x02" * 32), (b"event one", b"\x00" * 1000)
+    pair = SessionPair()
+    got = pair.send(pair.a, Members(heads, events))          # before Hello: the exchange comes first
+    assert got == [Members(heads, events)]
+    assert pair.a.our_state is State.AWAIT_HELLO and pair.b.their_state is State.AWAIT_HELLO
+    pair.send(pair.a, hello(SITE_A))
+    pair.send(pair.b, hello(SITE_B))
+    assert pair.send(pair.b, Members((), (b"later",))) == [Members((), (b"later",))]   # pushed while syncing
+    assert pair.a.their_state is State.SYNCING
+
+
+@pytest.mark.parametrize("body, what", [
+    ([7, [b"short"], []], "head must be 32 bytes"),
+    ([7, [b"\x01" * 32] * (limits.MAX_MEMBER_HEADS + 1), []], "at most"),
+    ([7, [], ["text, not bytes"]], "an event must be"),
+    ([7, [], [b""]], "an event must be"),
+    ([7, {}, []], "heads must be a list"),
+    ([7, []], "fields"),
+])
+def test_malformed_members_are_bad_frames(body, what):
+    err = remote_error(Session(SITE_B), frame(msgpack.packb(body)))
+    assert err.code == "bad-frame" and what in str(err), str(err)
+
+
+def test_members_may_not_follow_an_error():
+    from p2psync.protocol import Members
+
+    pair = SessionPair()
+    pair.send(pair.a, Error("bye", "closing"))
+    with pytest.raises(LocalProtocolError):
+        pair.a.send(Members((), ()), 0)

@@ -270,11 +270,12 @@ class Agent:
                     log.info("connection with %s lost: %s", label, e or "broken")
                 except Exception:  # a bug must cost one connection, never the agent
                     log.exception("connection with %s failed unexpectedly; closed", label)
-            if self.links.get(remote) is link:
-                del self.links[remote]
-                if conn.peer_site is not None:
-                    self.group.last_seen[conn.peer_site] = time.time()
-            link.closed.set()
+                finally:   # also when cancelled from outside (shutdown, this device removed)
+                    if self.links.get(remote) is link:
+                        del self.links[remote]
+                        if conn.peer_site is not None:
+                            self.group.last_seen[conn.peer_site] = time.time()
+                    link.closed.set()
         finally:
             with trio.CancelScope(shield=True):
                 await ns.aclose()
@@ -450,7 +451,7 @@ class Agent:
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
             "group": self.device.group_id.hex(),
             "state": "removed" if self.removed else "syncing",
-            "membership": self.group.status(),
+            "membership": self.group.status(vv),
             "listen": f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None,
             "version_vector": {s.hex(): n for s, n in vv.items()},
             "tracked": [s.name for s in self.store.tracked()],

@@ -231,8 +231,18 @@ class GroupService:
 
     # -- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self, vv=None) -> dict:
         st = self.members.state
+        notices = list(st.notices)
+        for m in st.members.values():
+            cap = st.cap(m.site)
+            if vv is not None and cap is not None and vv[m.site] > cap:
+                notices.append(f"this device applied {vv[m.site] - cap} versions of {self.members.who(m.site)} written "
+                               f"after its removal counted (db versions {cap + 1}..{vv[m.site]}); other devices refuse "
+                               f"them, so they stay here only: re-enter those rows on a member if they matter")
+        if self.members.keys is None or self.members.keys.missing:
+            notices.append("this device lacks the key of the group's current epoch; an admin's agent sends it when "
+                           "they next meet (until then, the relay and members that rotated may refuse it)")
         me = self.members.me
         ring = self.members.keys
         out = {
@@ -244,7 +254,7 @@ class GroupService:
             "pending_invites": sum(1 for i in st.invites.values() if i.state == "pending"
                                    and i.expires_ms > _now_ms()),
             "ignored_events": len(st.ignored),
-            "notices": list(st.notices),
+            "notices": notices,
             "missing_keys": bool(ring is None or ring.missing),
             **self.counters,
         }

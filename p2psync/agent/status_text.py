@@ -6,10 +6,21 @@ from __future__ import annotations
 def format_status(st: dict) -> str:
     """The status reply as a few aligned lines."""
     d = st["device"]
+    m = st.get("membership") or {}
     lines = [f"device   {d['name']} (site {d['site'][:12]}), group {st['group'][:12]}",
+             f"group    {m.get('members', '?')} members, {m.get('admins', '?')} admins; this device: "
+             f"{m.get('role') or '?'}"
+             + (f"; {m['pending_invites']} pending invites" if m.get("pending_invites") else ""),
              f"database {d['db']}",
              f"listen   {st.get('listen') or '-'}",
              f"tracked  {', '.join(st.get('tracked') or []) or '(none: run `p2psync track TABLE`)'}"]
+    if m.get("removed"):
+        lines.append(f"REMOVED  {m['removed']}")
+    for n in m.get("notices", []):
+        lines.append(f"notice   {n}")
+    if m.get("ignored_events"):
+        lines.append(f"notice   {m['ignored_events']} membership events do not count (not signed by an admin "
+                     f"at that point, or badly signed); `p2psync devices` shows what does")
     held = st.get("held", {})
     if held.get("count"):
         reasons = ", ".join(f"{k}: {v}" for k, v in held["reasons"].items())

@@ -156,6 +156,8 @@ class Connection:
     async def refuse(self, reason: str) -> None:
         """Tell the peer it is not (or no longer) a member, with the log that says so; then raise NotAMember."""
         members = self.ctx.members
+        if self.member is not None:   # its record as the log says now (it may have been removed since admission)
+            self.member = members.state.member(self.member.site) or self.member
         who = members.who(self.member.site) if self.member is not None else "an unknown device"
         if reason == "self-removed":
             raise NotAMember("this device has been removed from the group")

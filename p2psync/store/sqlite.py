@@ -305,3 +305,29 @@ class SqliteStore:
                 self._merge(ready, clock, now_ms, force=force)
                 self.conn.executemany("DELETE FROM _p2p_held WHERE id = ?", ids)
             return len(ready)
+
+
+def forget_sync_state(path: str | Path) -> list[str]:
+    """Drop every p2psync table and trigger from the database at ``path`` (the application's
+    tables and rows stay); returns the tables that were tracked, to track again.
+
+    For databases synced by p2psync 0.1, whose devices join a new group: their
+    rows become the new device's own changes when tracked again.
+    """
+    conn = open_db(Path(path))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE name = '_p2p_tables'")]
+            tracked = [r[0] for r in conn.execute("SELECT name FROM _p2p_tables")] if names else []
+            objects = conn.execute("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_p2p\\_%' ESCAPE '\\' "
+                                   "AND type IN ('trigger', 'table')").fetchall()
+            for kind, name in sorted(objects, key=lambda o: o[0] != "trigger"):
+                conn.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return tracked
+    finally:
+        conn.close()
