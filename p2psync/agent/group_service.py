@@ -158,6 +158,8 @@ class GroupService:
             self.agent.stop_syncing(self.removal_text())
             return
         for key, link in list(self.agent.links.items()):
+            if not link.conn.admitted:
+                continue   # still in its membership exchange, which checks it once it has merged the peer's log
             adm = self.members.admit(key)
             if not adm.ok:
                 self.counters["sessions_refused"] += 1

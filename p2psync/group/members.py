@@ -50,7 +50,7 @@ class GroupMembers:
 
     def load(self, encoded: list[bytes]) -> list[Event]:
         """Take events as stored or received (encoded); the ones new to the log, to persist."""
-        events = []
+        events, raw = [], {}
         for data in encoded:
             try:
                 ev = decode_event(data)
@@ -59,15 +59,16 @@ class GroupMembers:
                 log.warning("ignored a malformed membership event: %s", e)
                 continue
             if ev.hash not in self.log:
-                self._encoded[ev.hash] = data
                 events.append(ev)
-        return self.add(events)
+                raw[ev.hash] = data
+        new = self.add(events, raw)
+        return new
 
-    def add(self, events: list[Event]) -> list[Event]:
+    def add(self, events: list[Event], raw: dict | None = None) -> list[Event]:
         """Take decoded events; the ones new to the log (accepted), to persist and pass on."""
-        for ev in events:
-            self._encoded.setdefault(ev.hash, encode_event(ev))
         new = self.log.add(events)
+        for ev in new:   # keep the bytes of what the log accepted only (rejected events are dropped)
+            self._encoded.setdefault(ev.hash, (raw or {}).get(ev.hash) or encode_event(ev))
         if new or self.state is None:
             self._refresh()
         return new

@@ -35,6 +35,7 @@ log = logging.getLogger("p2psync.net")
 
 RECEIVE_SIZE = 256 * 1024
 APPLY_QUEUE = 1  # complete batches decoded ahead of the one being applied
+UNKNOWN_PEER_LOG_BYTES = 1 << 20   # membership log a key not (yet) in our log may send: its admission chain
 
 
 @dataclass
@@ -191,6 +192,11 @@ class Connection:
         if tuple(theirs.heads) != tuple(announced):
             await self._write(Members(members.heads, tuple(members.encoded())))
             full = await self._next_members()
+            if why == "unknown-device" and sum(map(len, full.events)) > UNKNOWN_PEER_LOG_BYTES:
+                await self._send_error("too-large", f"a device not yet known here may send at most "
+                                                    f"{UNKNOWN_PEER_LOG_BYTES} bytes of membership log")
+                raise NotAMember(f"refused {self.label}: an unknown key sent more than {UNKNOWN_PEER_LOG_BYTES} "
+                                 f"bytes of membership log")
             if full.events:
                 await self.ctx.on_members(self, full.events)
         why = self._refusal()
