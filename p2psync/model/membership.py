@@ -14,12 +14,15 @@ events computes the same membership, whatever order they arrived in.
 # causally closed subset is the restriction of any larger set's order to it.
 #
 # Resolution of a set: one pass over its *valid* events in canonical order
-# (_Pass.apply). Whenever a remove or role change leaves no current admin, the
-# earliest-added device that lost admin rights (removed or demoted while a
-# current admin) gets them back, there and then, so the restored admin keeps
-# them when it later appoints others. After the pass (_settle), an invite used
-# by several adds keeps the add with the lowest hash, the other devices are
-# removed, and the no-admin rule is applied once more.
+# (_Pass.apply). Whenever a remove or role change x leaves no current admin,
+# one device gets its rights back, there and then (so it keeps them when it
+# later appoints others): of the devices that lost admin rights (removed or
+# demoted while a current admin) through x or through an event concurrent
+# with x, the one added earliest. A device stays out if x's signer had seen
+# any event removing or demoting it. After
+# the pass (_settle), an invite used by several adds keeps the add with the
+# lowest hash, the other devices are removed, and if that leaves no admin the
+# earliest-added device that ever lost admin rights gets them back.
 #
 # Validity of e: resolve P = strict ancestors of e to a state S; e counts if
 # its signer is a current member of S whose key verifies the signature, is an
@@ -416,14 +419,15 @@ def _h(b: bytes | None) -> str:
 class _Pass:
     """The state of one resolution pass; copy() is cheap (records are frozen, dicts are copied)."""
 
-    __slots__ = ("key", "members", "invites", "uses", "lost", "full", "epochs", "boxes", "notices")
+    __slots__ = ("log", "members", "invites", "uses", "lost", "full", "epochs", "boxes", "notices")
 
-    def __init__(self, key: Callable[[bytes], tuple[int, bytes]], full: bool = False):
-        self.key = key  # event hash -> (depth, hash)
+    def __init__(self, log: MembershipLog, full: bool = False):
+        self.log = log  # for the order of events: log.key and log.before
         self.members: dict[bytes, Member] = {}
         self.invites: dict[bytes, Invite] = {}
         self.uses: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}  # invite id -> ((add hash, site), ...)
-        self.lost: dict[bytes, None] = {}  # sites that were current admins when removed or demoted
+        self.lost: dict[bytes, tuple[bytes, ...]] = {}  # site that was a current admin when removed or demoted ->
+        # the events that removed or demoted it since
         self.full = full  # also collect epochs, boxes and notices
         self.epochs: list[bytes] = []
         self.boxes: dict[bytes, list[Box]] = {}
@@ -431,7 +435,7 @@ class _Pass:
 
     def copy(self) -> _Pass:
         p = _Pass.__new__(_Pass)
-        p.key = self.key
+        p.log = self.log
         p.members, p.invites, p.uses, p.lost = dict(self.members), dict(self.invites), dict(self.uses), dict(self.lost)
         p.full, p.epochs, p.boxes, p.notices = False, [], {}, []
         return p
@@ -472,40 +476,48 @@ class _Pass:
             self.invites[inv.id] = replace(inv, state=USED, used_by=inv.used_by + (site,))
 
     def _remove(self, ev: Event) -> None:
-        site, last = ev.body["site"], ev.body["last"]
-        self._remove_one(site, last, ev.signer, ev.wall_ms, f"removed by {_h(ev.signer)}")
+        site = ev.body["site"]
+        self._remove_one(ev, site, f"removed by {_h(ev.signer)}")
         stack = list(self.members[site].successors)
         while stack:
             s = stack.pop()
-            self._remove_one(s, last, ev.signer, ev.wall_ms, f"predecessor {_h(site)} removed by {_h(ev.signer)}")
+            self._remove_one(ev, s, f"predecessor {_h(site)} removed by {_h(ev.signer)}")
             stack.extend(self.members[s].successors)
-        self._keep_an_admin()
+        self._keep_an_admin(ev)
 
-    def _remove_one(self, site: bytes, last: int, by: bytes | None, ms: int | None, reason: str) -> None:
-        m = self.members[site]
+    def _remove_one(self, ev: Event, site: bytes, reason: str) -> None:
+        m, last = self.members[site], ev.body["last"]
         if m.state == REMOVED:
             if last > (m.last_dbv or 0):
                 self.members[site] = replace(m, last_dbv=last)
+            if site in self.lost:
+                self.lost[site] += (ev.hash,)
             return
         if m.state == CURRENT and m.role == ROLE_ADMIN:
-            self.lost[site] = None
-        self.members[site] = replace(m, state=REMOVED, removed_by=by, removed_ms=ms, last_dbv=last,
+            self.lost[site] = (ev.hash,)
+        self.members[site] = replace(m, state=REMOVED, removed_by=ev.signer, removed_ms=ev.wall_ms, last_dbv=last,
                                      removed_reason=reason)
 
-    def _keep_an_admin(self) -> None:
-        restored = _keep_an_admin(self.members, self.lost, (), self.key)
+    def _keep_an_admin(self, x: Event) -> None:
+        """Never zero admins: restore one whose removals and demotions are x or concurrent with x."""
+        before = self.log.before
+        candidates = [s for s, hs in self.lost.items() if not any(before(h, x.hash) for h in hs)]
+        restored = _keep_an_admin(self.members, candidates, self.log.key)
         if restored is not None:
-            self._note(restored)
+            del self.lost[restored]
+            self._note(f"no admin would remain: {_h(restored)} stays admin (its removal or demotion is void)")
 
     def _role(self, ev: Event) -> None:
         site, role = ev.body["site"], ev.body["role"]
         m = self.members[site]
         if m.state != CURRENT or m.role == role:
+            if site in self.lost and role == ROLE_MEMBER:
+                self.lost[site] += (ev.hash,)
             return
         self.members[site] = replace(m, role=role)
         if m.role == ROLE_ADMIN:
-            self.lost[site] = None
-            self._keep_an_admin()
+            self.lost[site] = (ev.hash,)
+            self._keep_an_admin(ev)
 
     def _successor(self, ev: Event) -> None:
         b, old = ev.body, ev.signer
@@ -520,7 +532,7 @@ class _Pass:
             new = replace(new, state=REMOVED, removed_by=m.removed_by, removed_ms=m.removed_ms, last_dbv=m.last_dbv,
                           removed_reason=f"predecessor {_h(old)} removed")
         elif old in self.lost:
-            self.lost[site] = None  # a demoted admin's continuation may get its rights back in its place
+            self.lost[site] = self.lost[old]  # a demoted admin's continuation may get its rights back in its place
         self.members[site] = new
         self.members[old] = replace(m, state=SUCCEEDED if m.state == CURRENT else m.state,
                                     successors=m.successors + (site,))
@@ -547,19 +559,19 @@ class _Pass:
             self.invites[inv.id] = replace(inv, state=CANCELLED)
 
 
-def _keep_an_admin(members: dict[bytes, Member], lost: Mapping[bytes, None], voided: Iterable[bytes],
-                   key: Callable[[bytes], tuple[int, bytes]]) -> str | None:
-    """If no current admin is left, give the rights back to the earliest-added device that lost them; the notice."""
+def _keep_an_admin(members: dict[bytes, Member], candidates: Iterable[bytes],
+                   key: Callable[[bytes], tuple[int, bytes]]) -> bytes | None:
+    """If no current admin is left, make the earliest-added candidate (not succeeded) a current admin; its site."""
     for m in members.values():
         if m.state == CURRENT and m.role == ROLE_ADMIN:
             return None
-    candidates = [s for s in lost if s not in voided and members[s].state != SUCCEEDED]
+    candidates = [s for s in candidates if members[s].state != SUCCEEDED]
     if not candidates:
-        return "the group has no admin left" if members else None
+        return None
     s = min(candidates, key=lambda s: key(members[s].added_event))
     members[s] = replace(members[s], state=CURRENT, role=ROLE_ADMIN, removed_by=None, removed_ms=None, last_dbv=None,
                          removed_reason=None)
-    return f"no admin would remain: {_h(s)} stays admin (its removal or demotion is void)"
+    return s
 
 
 def _settle(p: _Pass) -> tuple[dict[bytes, Member], list[str]]:
@@ -586,9 +598,11 @@ def _settle(p: _Pass) -> tuple[dict[bytes, Member], list[str]]:
         notices.append(f"invite {inv_id.hex()[:6]} used {n}: {_h(keep[1])} stays, "
                        f"{', '.join(map(_h, losers))} {'is' if len(losers) == 1 else 'are'} removed")
     if voided:
-        restored = _keep_an_admin(members, p.lost, voided, p.key)
+        restored = _keep_an_admin(members, [s for s in p.lost if s not in voided], p.log.key)
         if restored is not None:
-            notices.append(restored)
+            notices.append(f"no admin would remain: {_h(restored)} stays admin (its removal or demotion is void)")
+    if members and not any(m.state == CURRENT and m.role == ROLE_ADMIN for m in members.values()):
+        notices.append("the group has no admin left")
     return members, notices
 
 
@@ -605,7 +619,7 @@ def _bits(x: int) -> list[int]:
 
 
 class MembershipLog:
-    """All events of one group, with incremental validation (validity of an event depends only on its causal past, so it is computed once)."""
+    """All events of one group, validated as they come (an event's validity depends only on its causal past)."""
 
     def __init__(self, found_hash: bytes):
         self.found = _check_bytes(found_hash, "found hash", HASH_LEN)
@@ -630,6 +644,14 @@ class MembershipLog:
 
     def __contains__(self, h: object) -> bool:
         return h in self._events
+
+    def key(self, h: bytes) -> tuple[int, bytes]:
+        """The canonical sort key (depth, hash) of an accepted event."""
+        return self._key[h]
+
+    def before(self, a: bytes, b: bytes) -> bool:
+        """True if accepted event ``a`` is a strict ancestor of accepted event ``b``."""
+        return bool((self._anc[b] >> self._index[a]) & 1)
 
     def __len__(self) -> int:
         return len(self._events)
@@ -698,6 +720,8 @@ class MembershipLog:
             self._accept(ev)
             accepted.append(ev)
             for child in self._waiting.pop(ev.hash, ()):
+                if child not in self._missing:  # rejected meanwhile, through another parent
+                    continue
                 self._missing[child] -= 1
                 if not self._missing[child]:
                     del self._missing[child]
@@ -732,7 +756,7 @@ class MembershipLog:
     def _past_state(self, ev: Event) -> _Pass:
         """The pass state (before fix-ups) of the strict ancestors of ``ev``; not to be mutated."""
         if not ev.parents:
-            return _Pass(self._key.__getitem__)
+            return _Pass(self)
         if len(ev.parents) == 1:
             return self._snap[ev.parents[0]]
         order = sorted((self._order[i] for i in _bits(self._anc[ev.hash])), key=self._key.__getitem__)
@@ -742,7 +766,7 @@ class MembershipLog:
             if (self._anc[c].bit_count() + 1) == i + 1:  # c's inclusive past is exactly order[:i + 1]
                 start, state = i + 1, self._snap[c]
                 break
-        state = state.copy() if state is not None else _Pass(self._key.__getitem__)
+        state = state.copy() if state is not None else _Pass(self)
         for h in order[start:]:
             if self._valid[h]:
                 state.apply(self._events[h])
@@ -811,7 +835,7 @@ class MembershipLog:
         """The membership all accepted events resolve to (cached until add accepts something)."""
         if self._state is not None:
             return self._state
-        p = _Pass(self._key.__getitem__, full=True)
+        p = _Pass(self, full=True)
         for ev in self.events():
             if self._valid[ev.hash]:
                 p.apply(ev)
