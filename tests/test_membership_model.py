@@ -127,7 +127,7 @@ def test_encode_decode_round_trip():
         assert (back.kind, back.group, back.signer, back.parents, back.wall_ms) == (e.kind, e.group, e.signer,
                                                                                     e.parents, e.wall_ms)
         assert dict(back.body) == dict(e.body)
-        assert back.hash == event_hash(back.raw)
+        assert back.hash == event_hash(back.raw, back.signature)
         assert verify_signature(back, A.pub) and not verify_signature(back, B.pub)
 
 

@@ -77,9 +77,14 @@ class MembershipError(ValueError):
     """An event is malformed or cannot be made; the message says what."""
 
 
-def event_hash(raw: bytes) -> bytes:
-    """The 32-byte hash naming an event: blake2b of its signed bytes."""
-    return hashlib.blake2b(raw, digest_size=HASH_LEN, person=HASH_PERSON).digest()
+def event_hash(raw: bytes, signature: bytes) -> bytes:
+    """The 32-byte hash naming an event: blake2b of its signed bytes and its signature.
+
+    The signature is covered so that a copy of an event with a damaged signature is another event
+    (ignored: bad signature) and can never shadow the genuine one (Ed25519 as verified here is not
+    malleable, so a genuine event has one signature).
+    """
+    return hashlib.blake2b(raw + signature, digest_size=HASH_LEN, person=HASH_PERSON).digest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +102,7 @@ class Event:
     hash: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hash", event_hash(self.raw))
+        object.__setattr__(self, "hash", event_hash(self.raw, self.signature))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Event):
