@@ -6,48 +6,89 @@ the membership log (so it learns of its removal) and an Error, and nothing
 else. Then both sides exchange membership heads; if they differ, each sends
 its whole log once, merges the other's, and checks the peer again (a device
 added a moment ago is known by now; one that is not a member is refused
-before any Hello or data). Only then does each side send Hello. Four tasks
+before any Hello or data). Only then does each side send Hello. Five tasks
 share the connection. The reader feeds received bytes to the Session and
 acts on events: it answers pings and hands batches to the applier. The
 applier applies complete batches in a worker thread, in order, and acks each
 part once it is applied, so the next batch decodes while this one is
 written. The sender streams what the peer lacks in batches while the window
-allows, then waits for new local changes. The timer task sends heartbeats
-and enforces the idle timeout. Every write goes through one lock,
-so frames never interleave. Any protocol error is sent to the peer as an
-Error, logged with the peer's address, and closes this connection only.
+allows, then waits for new local changes. The watchdog enforces the idle
+timeout and queues heartbeats; the control writer writes them and the
+reader's answers to Pings. Every write goes through one lock, so frames
+never interleave. Any protocol error is sent to the peer as an Error, logged
+with the peer's address, and closes this connection only.
+
+Deadlines: the watchdog takes no lock and never writes, so a peer that
+sends nothing for the idle timeout is dropped whatever the other tasks are
+doing. Every write is cut into chunks, and a chunk that makes no progress
+for the idle timeout drops the peer ("stopped reading"), as does a full
+window with no Ack for that long ("stopped acknowledging").
+
+Budgets (``protocol.limits``): frames of ``LARGE_FRAME`` bytes or more are
+decoded in a worker thread (the Session hands them out with ``DECODE``), so
+a hostile frame costs the event loop nothing but GIL hand-overs. What a
+session holds for its peer (bytes of frames being received, staged parts of
+a transaction, batches waiting to be applied and acked) is counted against
+per-session limits and against one ``MemoryBudget`` shared by every session
+of the process; over any of them the peer is sent an Error naming the limit.
+
+``P2PSYNC_IDLE_TIMEOUT`` (seconds) shortens the idle timeout, and with it
+the heartbeat interval, for tests.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
 from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Members, Ping,
                         ProtocolError, RemoteProtocolError, Session)
+from ..protocol.limits import CHANGE_COST, MAX_PROCESS_BYTES, MAX_STAGED_BYTES, MAX_UNACKED_BYTES
+from ..protocol.session import DECODE
 from ..store import StoreError
-from ..sync import GroupTooLarge, PeerSync
+from ..sync.peer import OverBudget, PeerSync
 
 log = logging.getLogger("p2psync.net")
 
 RECEIVE_SIZE = 256 * 1024
 APPLY_QUEUE = 1  # complete batches decoded ahead of the one being applied
 UNKNOWN_PEER_LOG_BYTES = 1 << 20   # membership log a key not (yet) in our log may send: its admission chain
+SEND_CHUNK = 64 * 1024  # writes progress chunk by chunk; one chunk per idle timeout is the slowest reader kept
+DECODE_THREADS = 4      # large frames decoded at once in worker threads, over all sessions of the process
+CONTROL_QUEUE = 4       # Pings and Pongs waiting for the send lock; more are dropped
+GIL_SWITCH_INTERVAL = 0.001  # s: how long a decoding thread may keep the event loop from the GIL (default 5 ms)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment (tests shorten timeouts); else ``default``."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if 0 < value < 3600 else default
+
+
+def _idle_timeout() -> float:
+    return _env_seconds("P2PSYNC_IDLE_TIMEOUT", 15.0)
 
 
 @dataclass
 class SyncSettings:
     """Tunables of a sync session."""
 
-    heartbeat_interval: float = 5.0
-    idle_timeout: float = 15.0
+    heartbeat_interval: float = field(default_factory=lambda: min(5.0, _idle_timeout() / 3))
+    idle_timeout: float = field(default_factory=_idle_timeout)
     hello_timeout: float = 10.0
     window: int = 8
     max_changes: int = 2000
     max_bytes: int = 1 << 20
+    max_staged_bytes: int = MAX_STAGED_BYTES
+    max_unacked_bytes: int = MAX_UNACKED_BYTES
 
 
 class PeerClosed(Exception):
@@ -56,6 +97,48 @@ class PeerClosed(Exception):
 
 class NotAMember(PeerClosed):
     """The peer is not a current member of the group (or we are not): refused before any data."""
+
+
+class PeerStalled(PeerClosed):
+    """The peer stopped reading or acknowledging for the idle timeout; the message says what stalled."""
+
+
+class MemoryBudget:
+    """Bytes that the sessions of one process hold for their peers, against one limit."""
+
+    def __init__(self, limit: int = MAX_PROCESS_BYTES):
+        self.limit, self.used = limit, 0
+
+    def resize(self, held: int, want: int) -> int:
+        """Change one session's share from ``held`` to ``want`` bytes; OverBudget if that takes the total over."""
+        if want > held and self.used - held + want > self.limit:
+            raise OverBudget("process-memory", f"this process already holds {self.used / (1 << 20):.1f} MiB for "
+                                               f"its peers, and this session would take it over "
+                                               f"{self.limit / (1 << 20):g} MiB (limit MAX_PROCESS_BYTES); "
+                                               f"try again later")
+        self.used += want - held
+        return want
+
+
+PROCESS_MEMORY = MemoryBudget()   # shared by every session of this process (agent or relay)
+_decode_limiter = trio.lowlevel.RunVar("p2psync_decode_limiter")
+
+
+def _decoders() -> trio.CapacityLimiter:
+    """The worker-thread slots for decoding large frames, shared by the sessions of this trio run.
+
+    The first call also shortens the interpreter's GIL switch interval: a
+    thread decoding a peer's frame hands the GIL back to the event loop
+    within GIL_SWITCH_INTERVAL rather than 5 ms (ping p99 under a flood of
+    16 MiB frames: 36 ms instead of 47-92 ms).
+    """
+    try:
+        return _decode_limiter.get()
+    except LookupError:
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+        limiter = trio.CapacityLimiter(DECODE_THREADS)
+        _decode_limiter.set(limiter)
+        return limiter
 
 
 async def dial(host: str, port: int, timeout: float) -> trio.SocketStream:
@@ -70,13 +153,21 @@ async def dial(host: str, port: int, timeout: float) -> trio.SocketStream:
 class Connection:
     """One authenticated connection to one peer."""
 
-    def __init__(self, stream, ctx, label: str, settings: SyncSettings, remote_static: bytes | None = None):
+    def __init__(self, stream, ctx, label: str, settings: SyncSettings, remote_static: bytes | None = None,
+                 budget: MemoryBudget | None = None):
         self.stream, self.ctx, self.label, self.settings = stream, ctx, label, settings
         self.remote_static = remote_static if remote_static is not None else getattr(stream, "remote_static", None)
         self.member = None          # the peer's membership record, once admitted
         self.session = Session(ctx.site_id, heartbeat_interval=settings.heartbeat_interval,
                                idle_timeout=settings.idle_timeout, hello_timeout=settings.hello_timeout,
-                               window=settings.window)
+                               window=settings.window, offload=True)
+        self.budget = budget if budget is not None else PROCESS_MEMORY
+        self._held = 0              # our share of the budget
+        self._unacked = 0           # cost of complete batches received, not yet applied and acked
+        self._send_broken: str | None = None
+        self._scope: trio.CancelScope | None = None
+        self._failure: Exception | None = None
+        self._control, self._control_queue = trio.open_memory_channel(CONTROL_QUEUE)   # Pings and Pongs
         self.peer: PeerSync | None = None
         self.peer_site: bytes | None = None
         self._send_lock = trio.Lock()
@@ -106,13 +197,65 @@ class Connection:
             "batches_received": p.batches_received if p else 0,
         }
 
-    async def _write(self, event) -> None:
+    def _who(self) -> str:
+        """The peer for a log line: its address, and its name once its key is known."""
+        if self.member is None:
+            return f"peer {self.label}"
+        try:
+            return f"peer {self.label} ({self.ctx.members.who(self.member.site)})"
+        except Exception:  # a context without names, or a record gone from the log
+            return f"peer {self.label}"
+
+    async def _write(self, event, what: str | None = None) -> None:
         async with self._send_lock:
             data = self.session.send(event, self._now())
-            await self.stream.send_all(data)
+            await self._send_bytes(data, what or f"a {type(event).__name__}")
+
+    async def _send_bytes(self, data: bytes, what: str) -> None:
+        """Write ``data`` (the caller holds the send lock); PeerStalled if a chunk makes no progress in time."""
+        if self._send_broken is not None:
+            raise trio.BrokenResourceError(self._send_broken)
+        view, done, limit = memoryview(data), 0, self.settings.idle_timeout
+        while done < len(view):
+            chunk = view[done:done + SEND_CHUNK]
+            with trio.move_on_after(limit) as stalled:
+                await self.stream.send_all(chunk)
+            if stalled.cancelled_caught:
+                self._send_broken = f"a send to {self._who()} was cut off after {done} of {len(view)} bytes"
+                self._abort(PeerStalled(
+                    f"{self._who()} stopped reading: a send of {len(view)} bytes ({what}) made no progress "
+                    f"for {limit:g} s ({done} bytes of it sent); connection closed"))
+            done += len(chunk)
+
+    def _abort(self, error: Exception) -> None:
+        """End the connection with ``error`` (also from a task outside its nursery), and raise it here."""
+        if self._failure is None:
+            self._failure = error
+        if self._scope is not None:
+            self._scope.cancel()
+        raise error
+
+    def _account(self, strict: bool = True) -> None:
+        """Bring our share of the process budget up to date; OverBudget if it would go over (and ``strict``)."""
+        staged = self.peer.staged_bytes if self.peer is not None else 0
+        want = self.session.buffered + staged + self._unacked
+        try:
+            self._held = self.budget.resize(self._held, want)
+        except OverBudget:
+            if strict:
+                raise
 
     async def run(self) -> None:
         """Sync with the peer until the connection ends; raises PeerClosed with the reason."""
+        try:
+            await self._run()
+        finally:
+            if self.peer is not None:
+                self.peer.drop_staged()
+            self._unacked = 0
+            self._held = self.budget.resize(self._held, 0)
+
+    async def _run(self) -> None:
         ctx = self.ctx
         try:
             with trio.fail_after(self.settings.hello_timeout):
@@ -122,13 +265,17 @@ class Connection:
             # The first task to fail records why and cancels the others, so the
             # reason leaves here as itself, not wrapped in an ExceptionGroup
             # (trio's nurseries are strict) that no handler below would match.
-            self._failure: Exception | None = None
             send_applies, receive_applies = trio.open_memory_channel(APPLY_QUEUE)
             async with trio.open_nursery() as n:
+                self._scope = n.cancel_scope
+                if self._failure is not None:   # a write from outside (a membership push) stalled meanwhile
+                    n.cancel_scope.cancel()
                 n.start_soon(self._guard, partial(self._reader, send_applies), n.cancel_scope)
                 n.start_soon(self._guard, partial(self._applier, receive_applies), n.cancel_scope)
                 n.start_soon(self._guard, self._sender, n.cancel_scope)
-                n.start_soon(self._guard, self._timer, n.cancel_scope)
+                n.start_soon(self._guard, self._watchdog, n.cancel_scope)
+                n.start_soon(self._guard, self._control_writer, n.cancel_scope)
+            self._scope = None
             if self._failure is not None:
                 raise self._failure
         except trio.TooSlowError:
@@ -137,9 +284,9 @@ class Connection:
         except ProtocolError as e:
             await self._send_error(e.code, str(e))
             raise PeerClosed(f"protocol error: {e}") from e
-        except GroupTooLarge as e:
-            await self._send_error("too-large", str(e))
-            raise PeerClosed(str(e)) from e
+        except OverBudget as e:
+            await self._send_error(e.code, str(e))
+            raise PeerClosed(f"{self._who()} went over a limit: {e}") from e
         except StoreError as e:
             await self._send_error("apply-failed", str(e))
             raise PeerClosed(f"could not apply a batch: {e}") from e
@@ -204,15 +351,25 @@ class Connection:
             await self.refuse(why)
         self.admitted = True
 
+    async def _next_event(self):
+        """The peer's next event (or CLOSED): reads as needed, and decodes large frames in a worker thread."""
+        session = self.session
+        while True:
+            ev = session.next_event()
+            if ev is NEED_DATA:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                session.receive_data(data, self._now())
+                self.last_seen = self._now()
+                self._account()
+            elif ev is DECODE:
+                await trio.to_thread.run_sync(session.decode_pending, limiter=_decoders())
+            else:
+                return ev
+
     async def _next_members(self) -> Members:
         """The peer's next Members event (exchange phase: nothing else may come before its Hello)."""
         while True:
-            ev = self.session.next_event()
-            if ev is NEED_DATA:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.session.receive_data(data, self._now())
-                self.last_seen = self._now()
-                continue
+            ev = await self._next_event()
             if ev is CLOSED:
                 raise PeerClosed("peer closed the connection during the membership exchange")
             if type(ev) is Members:
@@ -227,7 +384,7 @@ class Connection:
         """Pass new membership events on to this peer (best effort: a broken connection ends anyway)."""
         try:
             await self._write(Members(self.ctx.members.heads, encoded))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, PeerClosed):
             pass
 
     async def _guard(self, task, scope: trio.CancelScope) -> None:
@@ -241,6 +398,8 @@ class Connection:
             scope.cancel()
 
     async def _send_error(self, code: str, message: str) -> None:
+        if self._send_broken is not None:
+            return  # a write was cut off: the peer could not read an Error now
         with trio.move_on_after(1):
             try:
                 await self._write(Error(code, message[:1000]))
@@ -259,7 +418,7 @@ class Connection:
         """
         ctx = self.ctx
         async with applies:
-            async for seq, batch in applies:
+            async for seq, batch, cost in applies:
                 if batch is not None:
                     result = await ctx.worker.apply(batch, validated=True)  # the codec checked it
                     ctx.on_applied(self, batch, result)
@@ -270,42 +429,48 @@ class Connection:
                     # The peer hung up. Keep applying what the reader already has; it
                     # ends the connection when it reaches the end of the stream.
                     self._peer_eof = True
+                finally:
+                    self._unacked -= cost
+                    self._account(strict=False)   # a release; the reader's next count raises if need be
         raise PeerClosed("peer closed the connection")
 
     async def _reader(self, applies) -> None:
         """Read frames, act on events, queue batches for the applier (closing the queue when done)."""
-        session = self.session
+        session, limit = self.session, self.settings.max_unacked_bytes
         with applies:
             while True:
-                ev = session.next_event()
-                if ev is NEED_DATA:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                    session.receive_data(data, self._now())
-                    self.last_seen = self._now()
-                    continue
+                ev = await self._next_event()
                 if ev is CLOSED:
                     self._peer_eof = True
                     return  # closing the queue: the applier finishes it, then ends the connection
                 t = type(ev)
                 if t is BatchEvent:
                     # decoding (and preparing) the next batch overlaps with applying this one
-                    batch = self.peer.received_part(ev.batch, ev.more)
+                    cost = session.last_frame_size + CHANGE_COST * len(ev.batch.changes)
+                    batch, cost = self.peer.received_part(ev.batch, ev.more, cost)
+                    if batch is not None:
+                        if self._unacked and self._unacked + cost > limit:
+                            raise OverBudget("unacked-bytes", f"peer sent more than we hold waiting to be applied: "
+                                                              f"{(self._unacked + cost) / (1 << 20):.1f} MiB "
+                                                              f"(limit MAX_UNACKED_BYTES, {limit / (1 << 20):g} MiB)")
+                        self._unacked += cost
+                    self._account()
                     if batch is not None and self._prepare is not None:
                         batch = await self._prepare(batch)
                     if batch is not None:
                         batch = self.ctx.screen(self, batch)
-                    await applies.send((ev.seq, batch))
+                    await applies.send((ev.seq, batch, cost))
                 elif t is Ack:
                     self._window.set()
-                elif t is Ping:
-                    await self._write(ev.response())
+                elif t is Ping:   # answered without waiting for the send lock: the reader never stops for a write
+                    self._queue_control(self.session.send(ev.response(), self._now()))
                 elif t is Members:
                     if ev.events:
                         await self.ctx.on_members(self, ev.events)
                 elif t is Hello:
                     self.peer_site = ev.site_id
                     self.peer_vv = ev.vv
-                    self.peer = PeerSync(ev.vv)
+                    self.peer = PeerSync(ev.vv, max_staged_bytes=self.settings.max_staged_bytes)
                     if self.member is not None and ev.site_id != self.member.site:
                         raise RemoteProtocolError(
                             "wrong-site", f"peer says it is site {ev.site_id.hex()[:12]}, but its key belongs to "
@@ -331,20 +496,46 @@ class Connection:
                     continue
                 while not self.session.can_send_batch:
                     self._window = trio.Event()
-                    await self._window.wait()
-                await self._write(BatchEvent(self.session.next_seq, batch, more))
+                    with trio.move_on_after(s.idle_timeout) as waiting:
+                        await self._window.wait()
+                    if waiting.cancelled_caught:
+                        raise PeerStalled(f"{self._who()} stopped acknowledging: {self.session.unacked} batches sent "
+                                          f"to it unacknowledged for {s.idle_timeout:g} s; connection closed")
+                await self._write(BatchEvent(self.session.next_seq, batch, more),
+                                  f"a batch of {len(batch.changes)} changes")
                 log.debug("sent %d changes to %s", len(batch.changes), self.label)
                 self.peer.sent(batch)
             await bus.wait_beyond(seen)
 
-    async def _timer(self) -> None:
+    async def _watchdog(self) -> None:
+        """Enforce the session's deadlines (it raises on a timeout) and queue due heartbeats.
+
+        Never takes the send lock, so a write that blocks cannot hold it up.
+        """
         while True:
             deadline = self.session.get_timer()
             if deadline is None:
                 await trio.sleep(0.5)
                 continue
             await trio.sleep_until(deadline)
+            data = self.session.handle_timer(self._now())
+            if data:
+                self._queue_control(data)
+
+    def _queue_control(self, data: bytes) -> None:
+        """Queue a Ping or Pong for the control writer; dropped if the queue is full.
+
+        Their order against other frames does not matter, and dropping one is
+        harmless: the queue is full only while a write waits, which the
+        stall deadline watches, and liveness does not depend on answers.
+        """
+        try:
+            self._control.send_nowait(data)
+        except trio.WouldBlock:
+            pass
+
+    async def _control_writer(self) -> None:
+        """Write the Pings and Pongs the watchdog and the reader queue."""
+        async for data in self._control_queue:
             async with self._send_lock:
-                data = self.session.handle_timer(self._now())
-                if data:
-                    await self.stream.send_all(data)
+                await self._send_bytes(data, "a Ping or Pong")

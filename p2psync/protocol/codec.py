@@ -6,8 +6,15 @@ soon as its 4 bytes are in and refuses one over ``MAX_FRAME`` at once, before
 buffering any of the body. A complete body is unpacked with every msgpack
 size limit set, then each field is checked for type and range (a bool is not
 an int; ints are in [0, 2^63); byte strings have their exact lengths), and
-model objects are built. Anything wrong is ``LocalProtocolError("bad-frame")``
-(the session turns it into a RemoteProtocolError). ``encode_event`` applies
+model objects are built. The work is bounded as it is done: a body of
+``LARGE_FRAME`` bytes or more has its objects counted as each array or map is
+completed, and unpacking stops past ``MAX_FRAME_OBJECTS`` ("frame-objects")
+or at the first map outside a Hello (only a Hello's version vector is a map;
+an empty map is one byte on the wire and 64 in memory). A smaller body
+cannot hold more objects than it has bytes. The counting hooks are Python
+calls, so a worker thread decoding a large frame lets go of the GIL between
+them. Anything wrong is ``LocalProtocolError("bad-frame")`` (or
+"frame-objects"; the session turns it into a RemoteProtocolError). ``encode_event`` applies
 the same checks to outgoing events, so we never send what a peer would refuse.
 
 Batch bodies use the column-wise layout of ``batchwire``.
@@ -16,6 +23,7 @@ Batch bodies use the column-wise layout of ``batchwire``.
 from __future__ import annotations
 
 import re
+from typing import NoReturn
 
 import msgpack
 
@@ -24,8 +32,9 @@ from .batchwire import WireError, batch_from_wire, batch_to_wire, check_value_le
 from .errors import LocalProtocolError, describe
 from .events import Ack, BatchEvent, Error, Event, Hello, Members, Ping, Pong, event_name
 from .limits import (
-    FRAME_HEADER_LEN, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_FRAME, MAX_MAP_LEN, MAX_MEMBER_EVENT_BYTES, MAX_MEMBER_EVENTS, MAX_MEMBER_HEADS, MAX_SCHEMA_LEN,
+    FRAME_HEADER_LEN, LARGE_FRAME, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_FRAME, MAX_FRAME_OBJECTS, MAX_MAP_LEN, MAX_MEMBER_EVENT_BYTES, MAX_MEMBER_EVENTS, MAX_MEMBER_HEADS,
+    MAX_SCHEMA_LEN,
     MEMBER_HASH_LEN, MAX_STR_LEN, MAX_VALUE_BYTES, MAX_VV_ENTRIES, PROTOCOL_VERSION,
     SITE_ID_LEN, U63_MAX,
 )
@@ -126,16 +135,78 @@ _ENCODERS = {
 
 # ---- decoding ---------------------------------------------------------------
 
-def decode_body(body: bytes) -> Event:
-    """The event in one frame body; LocalProtocolError("bad-frame"/"bad-version") if malformed."""
+class _Refused(Exception):
+    """Raised from inside the unpacker to stop it; the message is the error for the peer."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _ObjectCount:
+    """msgpack hooks that count decoded objects and stop the unpacker past ``limit``."""
+
+    def __init__(self, limit: int, maps: bool):
+        self.n, self.limit, self.maps = 0, limit, maps
+
+    def array(self, t: tuple) -> tuple:
+        self.n += 1 + len(t)
+        if self.n > self.limit:
+            raise self._over()
+        return t
+
+    def map(self, d: dict) -> dict:
+        if not self.maps:
+            _no_map(d)
+        self.n += 1 + 2 * len(d)
+        if self.n > self.limit:
+            raise self._over()
+        return d
+
+    def _over(self) -> _Refused:
+        return _Refused("frame-objects", f"peer sent a frame that decodes to more than {self.limit} objects "
+                                         f"(limit MAX_FRAME_OBJECTS)")
+
+
+def _no_map(d: dict) -> NoReturn:
+    raise _Refused("bad-frame", "peer sent a frame holding a map outside a Hello (only a Hello's version "
+                                "vector is a map)")
+
+
+def _tag_of(body: bytes) -> int | None:
+    """The event type a body starts with, read from its first bytes without unpacking; None if not there."""
+    if not body:
+        return None
+    first = body[0]
+    at = 1 if 0x90 <= first <= 0x9F else 3 if first == 0xDC else 5 if first == 0xDD else None
+    if at is None or len(body) <= at or body[at] > 0x7F:
+        return None
+    return body[at]
+
+
+def decode_body(body: bytes, max_objects: int = MAX_FRAME_OBJECTS) -> Event:
+    """The event in one frame body; LocalProtocolError("bad-frame"/"bad-version"/"frame-objects") if refused.
+
+    Pure: safe to call from a worker thread. The work is bounded by ``max_objects``.
+    """
+    hooks = {}
+    if len(body) >= min(LARGE_FRAME, max_objects):
+        count = _ObjectCount(max_objects, maps=_tag_of(body) == HELLO)
+        hooks = {"list_hook": count.array, "object_hook": count.map}
+    refused = None
     try:
         obj = msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=False, max_bin_len=MAX_BIN_LEN,
             max_str_len=MAX_STR_LEN, max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN, max_ext_len=0,
+            **hooks,
         )
+    except _Refused as e:
+        refused = LocalProtocolError(e.code, str(e))
     except Exception as e:  # whatever the parser raises, the peer sent garbage
         why = f"{type(e).__name__}: {e}"[:200]
-        raise LocalProtocolError("bad-frame", f"peer sent a frame that is not valid msgpack ({why})") from None
+        refused = LocalProtocolError("bad-frame", f"peer sent a frame that is not valid msgpack ({why})")
+    if refused is not None:  # raised out here, so it carries no context holding what was half decoded
+        raise refused
     if type(obj) is not tuple or not obj or type(obj[0]) is not int:
         raise LocalProtocolError("bad-frame", "peer sent a frame that is not an array starting with an event type")
     tag, fields = obj[0], obj[1:]
@@ -223,11 +294,18 @@ class FrameDecoder:
             raise LocalProtocolError("frame-too-large", f"peer sent a frame of {n} bytes (limit {MAX_FRAME})")
         return n
 
-    def next_frame(self) -> Event | None:
-        """The next complete event, or None until more bytes arrive."""
+    def complete(self) -> int | None:
+        """Body length of the next frame if all of it is in, else None; raises if over MAX_FRAME."""
         n = self.check_header()
         if n is None or self.buffered < FRAME_HEADER_LEN + n:
             return None
+        return n
+
+    def take_body(self) -> bytes:
+        """Remove the next frame (which must be complete) and return its body, undecoded."""
+        n = self.complete()
+        if n is None:
+            raise ValueError("take_body called without a complete frame")
         start = self._pos + FRAME_HEADER_LEN
         body = bytes(memoryview(self._buf)[start:start + n])
         self._pos = start + n
@@ -237,7 +315,13 @@ class FrameDecoder:
         elif self._pos > 1 << 20:
             del self._buf[:self._pos]
             self._pos = 0
-        return decode_body(body)
+        return body
+
+    def next_frame(self) -> Event | None:
+        """The next complete event, or None until more bytes arrive."""
+        if self.complete() is None:
+            return None
+        return decode_body(self.take_body())
 
 
 # ---- field checks -----------------------------------------------------------

@@ -29,6 +29,13 @@ Rules enforced on both sides:
   (Pongs are returned too and may be ignored): every byte we write comes out
   of ``send`` or ``handle_timer``, nothing is queued behind the caller's back.
 
+Large frames: a session made with ``offload=True`` does not decode a frame
+body of ``LARGE_FRAME`` bytes or more inside ``next_event``; it returns
+``DECODE`` instead. Call ``decode_pending()`` (pure, and touching nothing else
+of the session, so it may run in a worker thread while the event loop serves
+other peers), then ``next_event()`` again for the event. ``buffered`` is
+what the peer's bytes cost us in memory until their events come out.
+
 Once the peer has sent Error or closed, ``next_event`` returns CLOSED and
 any further bytes from it are ignored.
 
@@ -43,10 +50,10 @@ from __future__ import annotations
 
 import enum
 
-from .codec import FrameDecoder, encode_event
+from .codec import FrameDecoder, decode_body, encode_event
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import Ack, BatchEvent, Error, Event, Hello, Ping, event_name
-from .limits import PROTOCOL_VERSION, SITE_ID_LEN, U63_MAX
+from .limits import LARGE_FRAME, PROTOCOL_VERSION, SITE_ID_LEN, U63_MAX
 from .state import Eof, State, next_state
 
 
@@ -55,17 +62,19 @@ class Sentinel(enum.Enum):
 
     NEED_DATA = "NEED_DATA"
     CLOSED = "CLOSED"
+    DECODE = "DECODE"
 
 
 NEED_DATA = Sentinel.NEED_DATA
 CLOSED = Sentinel.CLOSED
+DECODE = Sentinel.DECODE
 
 
 class Session:
     """The protocol state of one connection with one peer."""
 
     def __init__(self, our_site: bytes, *, heartbeat_interval: float = 5.0, idle_timeout: float = 15.0,
-                 hello_timeout: float = 10.0, window: int = 8):
+                 hello_timeout: float = 10.0, window: int = 8, offload: bool = False):
         if type(our_site) is not bytes or len(our_site) != SITE_ID_LEN:
             raise ValueError(f"our_site must be {SITE_ID_LEN} bytes")
         if not 0 < heartbeat_interval < idle_timeout or hello_timeout <= 0:
@@ -81,6 +90,10 @@ class Session:
         self._their_state = State.AWAIT_HELLO
         self._peer_hello: Hello | None = None
         self._decoder = FrameDecoder()
+        self._offload = offload
+        self._pending: bytes | None = None          # a large body waiting for decode_pending
+        self._decoded: object = None                # what decode_pending made of it
+        self._frame_size = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._started: float | None = None
@@ -128,6 +141,16 @@ class Session:
     def received_seq(self) -> int:
         """Seq of the last batch received from the peer (0 if none)."""
         return self._received_seq
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received from the peer whose events have not come out of ``next_event`` yet."""
+        return self._decoder.buffered + (len(self._pending) if self._pending is not None else 0)
+
+    @property
+    def last_frame_size(self) -> int:
+        """Body bytes of the frame that carried the last event ``next_event`` returned."""
+        return self._frame_size
 
     # ---- sending ------------------------------------------------------------
 
@@ -228,20 +251,44 @@ class Session:
         if self._their_state is State.CLOSED:
             return CLOSED
         try:
-            event = self._decoder.next_frame()
-            if event is None:
-                if not self._eof:
-                    return NEED_DATA
-                if self._decoder.buffered:
-                    raise LocalProtocolError(
-                        "truncated-frame", f"peer closed the connection in the middle of a frame "
-                                           f"({self._decoder.buffered} bytes of it received)")
-                self._their_state = next_state(self._their_state, Eof, ours=False)
-                return CLOSED
+            if self._pending is not None:
+                if self._decoded is None:
+                    return DECODE
+                event, self._pending, self._decoded = self._decoded, None, None
+                if isinstance(event, LocalProtocolError):
+                    raise event
+            else:
+                n = self._decoder.complete()
+                if n is None:
+                    if not self._eof:
+                        return NEED_DATA
+                    if self._decoder.buffered:
+                        raise LocalProtocolError(
+                            "truncated-frame", f"peer closed the connection in the middle of a frame "
+                                               f"({self._decoder.buffered} bytes of it received)")
+                    self._their_state = next_state(self._their_state, Eof, ours=False)
+                    return CLOSED
+                self._frame_size = n
+                if self._offload and n >= LARGE_FRAME:
+                    self._pending = self._decoder.take_body()
+                    return DECODE
+                event = decode_body(self._decoder.take_body())
             self._receive_event(event)
         except LocalProtocolError as e:
             self._fail(e)
         return event
+
+    def decode_pending(self) -> None:
+        """Decode the frame ``next_event`` announced with DECODE (its event or error comes out next).
+
+        Touches only that frame, so the caller may run it in a worker thread.
+        """
+        if self._pending is None or self._decoded is not None:
+            raise LocalProtocolError("nothing-to-decode", "decode_pending called without a DECODE from next_event")
+        try:
+            self._decoded = decode_body(self._pending)
+        except LocalProtocolError as e:
+            self._decoded = e.with_traceback(None)   # its frames would keep the body (and its objects) alive
 
     def _receive_event(self, event: Event) -> None:
         new_state = next_state(self._their_state, type(event), ours=False)
@@ -269,6 +316,9 @@ class Session:
             self._started = self._last_received = self._last_sent = now
 
     def _fail(self, error: LocalProtocolError) -> None:
+        # Kept in _error for good: drop the frames (and what they hold, such as a
+        # peer's frame and what was decoded of it) and any exception it chained.
+        error.__traceback__ = error.__context__ = None
         self._their_state = State.CLOSED
         try:
             error.reraise_as_remote()
