@@ -57,8 +57,21 @@ class StoreWorker:
         async with self._write_lock:
             return await self._run(self.store.held)
 
+    async def held_pauses(self) -> list:
+        """Origins paused because a held budget is full (store.held_pauses); none for a store without one."""
+        fn = getattr(self.store, "held_pauses", None)
+        if fn is None:
+            return []
+        async with self._write_lock:
+            return await self._run(fn)
+
     async def batches(self, vv: VersionVector, max_changes: int, max_bytes: int) -> AsyncIterator[tuple[Batch, bool]]:
-        """What a peer with ``vv`` lacks, batch by batch, read from one snapshot in a worker thread."""
+        """What a peer with ``vv`` lacks, batch by batch, read in worker threads.
+
+        The store reads a chunk at a time from a short snapshot and stages it
+        (store/reading.py), so while we wait for the peer (window full, slow
+        socket) between two batches no read transaction is open.
+        """
         gen = self.store.changes_since(vv, max_changes, max_bytes)
         done = object()
         try:

@@ -4,10 +4,15 @@ How this works: the relay does not merge. It keeps every change it is given,
 once (a change is named within its origin write by a hash of its table,
 key, clock and columns), and a version vector per group saying which origin
 db versions it holds completely. ``changes_since(vv)`` streams, per origin
-site, the changes a peer with ``vv`` lacks in db-version order, from one
-REPEATABLE READ snapshot, in batches that end on db-version boundaries and
-carry the range they complete, exactly as a device's store does; a single
-db version too large for one batch goes as parts (``more=True``).
+site, the changes a peer with ``vv`` lacks in db-version order, in batches
+that end on db-version boundaries and carry the range they complete,
+exactly as a device's store does; a single db version too large for one
+batch goes as parts (``more=True``). It reads a chunk at a time, each from
+one REPEATABLE READ snapshot that ends before any of it is handed out
+(store/reading.py: staged, in memory or beyond a small budget in a
+temporary file, by a reader thread that never waits for the device), on a
+connection borrowed from a small per-process set of idle ones: a device
+that stalls holds neither a transaction nor a connection of its own.
 
 ``apply`` stores a batch in one transaction under a per-group advisory lock
 (several relay processes may share the database): it drops the changes the
@@ -22,8 +27,8 @@ The relay never reads what it stores: devices seal their changes before
 sending (p2psync/sync/sealing.py). The store itself is content-agnostic and
 passes the same contract tests as the SQLite store.
 
-Each store object owns two connections (one for writes, one for the read
-snapshot), so a session can read and apply at the same time.
+Each store object owns one connection, for writes; reads borrow another
+for the length of a chunk, so a session can read and apply at the same time.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import hashlib
 import re
 import secrets
 import struct
+import threading
 from collections.abc import Iterator
 from importlib import resources
 
@@ -43,6 +49,7 @@ from ..model.change import SEALED_COLUMN, SEALED_TABLE, check_batch
 from .base import ApplyResult, HeldChange
 from .batching import site_batches
 from .errors import StoreError
+from .reading import Staged, in_snapshots, stage
 
 NOTIFY_CHANNEL = "p2psync_relay"
 LOCK_NAMESPACE = 0x7032_7073           # pg_advisory_xact_lock(namespace, group)
@@ -121,20 +128,59 @@ def _meta(conn: psycopg.Connection, key: str, make) -> bytes:
         return bytes(conn.execute("SELECT value FROM p2p_meta WHERE key = %s", (key,)).fetchone()[0])
 
 
+ADMITTED = "admitted"   # NOTIFY payload: a group was admitted (other payloads are group ids)
+
+
 def admit_group(conn: psycopg.Connection, ref: bytes, psk: bytes, group_id: bytes, found: bytes) -> int:
-    """Admit a group (idempotent; a group admitted before membership gets its found hash now); returns its id."""
+    """Admit a group (idempotent; a group admitted before membership gets its found hash now); returns its id.
+
+    ``ref`` is the group's fixed handle (``relay_preamble.group_ref``). Every relay process on the
+    database is told (NOTIFY) so it adds the group to its table of refs at once.
+    """
     with conn.transaction():
         conn.execute("INSERT INTO p2p_groups(ref, token, group_id, found) VALUES (%s, %s, %s, %s) "
                      "ON CONFLICT (ref) DO UPDATE SET group_id = EXCLUDED.group_id, found = EXCLUDED.found "
                      "WHERE p2p_groups.found IS NULL", (ref, psk, group_id, found))
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, ADMITTED))
         return conn.execute("SELECT id FROM p2p_groups WHERE ref = %s", (ref,)).fetchone()[0]
 
 
-def find_group(conn: psycopg.Connection, ref: bytes) -> tuple[int, bytes, bytes, bytes] | None:
-    """(group id, handshake psk, group id bytes, found hash) of an admitted group, or None."""
-    row = conn.execute("SELECT id, token, group_id, found FROM p2p_groups WHERE ref = %s AND found IS NOT NULL",
-                       (ref,)).fetchone()
-    return (row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])) if row else None
+def find_groups(conn: psycopg.Connection) -> list[tuple[int, bytes, bytes, bytes]]:
+    """(group id, handshake psk, group id bytes, found hash) of every admitted group, in one query."""
+    rows = conn.execute("SELECT id, token, group_id, found FROM p2p_groups WHERE found IS NOT NULL").fetchall()
+    return [(r[0], bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+
+class _ReadConnections:
+    """Idle connections for reading snapshots, per DSN, shared by the stores of one process."""
+
+    def __init__(self, idle_max: int = 4):
+        self.idle_max = idle_max
+        self._idle: dict[str, list[psycopg.Connection]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, dsn: str) -> tuple[psycopg.Connection, bool]:
+        """A connection outside any transaction, and whether it was idle here (rather than new)."""
+        with self._lock:
+            idle = self._idle.get(dsn)
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn, True
+        return connect(dsn), False
+
+    def give(self, dsn: str, conn: psycopg.Connection) -> None:
+        """Keep ``conn`` for the next read, or close it if enough are idle (or it is not idle)."""
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            with self._lock:
+                idle = self._idle.setdefault(dsn, [])
+                if len(idle) < self.idle_max:
+                    idle.append(conn)
+                    return
+        conn.close()
+
+
+_READERS = _ReadConnections()
 
 
 class PostgresStore:
@@ -143,13 +189,10 @@ class PostgresStore:
     def __init__(self, dsn: str, group: int, site_id: bytes):
         self.dsn, self.group, self.site_id = dsn, group, site_id
         self._writer = connect(dsn)
-        self._reader: psycopg.Connection | None = None
         self._write_pack = msgpack.Packer(use_bin_type=True).pack
 
     def close(self) -> None:
-        for c in (self._writer, self._reader):
-            if c is not None:
-                c.close()
+        self._writer.close()
 
     # -- membership log -------------------------------------------------------
 
@@ -274,20 +317,39 @@ class PostgresStore:
 
     def changes_since(self, vv: VersionVector, max_changes: int = 1000,
                       max_bytes: int = 1 << 20) -> Iterator[tuple[Batch, bool]]:
-        """Batches of what a peer with ``vv`` lacks, read from one snapshot."""
-        if self._reader is None:
-            self._reader = connect(self.dsn)
-        conn = self._reader
-        try:
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                local = self._vv(conn)
-                for site, hi in sorted(local.items()):
-                    lo = vv[site]
-                    if hi > lo:
-                        yield from self._site_batches(conn, site, lo, hi, max_changes, max_bytes)
-        except psycopg.Error as e:
-            raise StoreError(f"could not read changes: {str(e).strip()}") from e
+        """Batches of what a peer with ``vv`` lacks; each db version whole from one snapshot, and no
+        snapshot or connection held between batches (store/reading.py: staged chunks)."""
+        return in_snapshots(lambda v, staged: self._read_chunk(v, staged, max_changes, max_bytes), vv)
+
+    def _read_chunk(self, vv: VersionVector, staged: Staged, max_changes: int, max_bytes: int) -> bool:
+        """Stage one chunk of what ``vv`` lacks from a snapshot, ended (its connection returned) on return;
+        whether that was all."""
+        for attempt in (1, 2):
+            conn, reused = _READERS.take(self.dsn)
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    out = stage(staged, self._batches(conn, self._vv(conn), vv, max_changes, max_bytes))
+            except psycopg.OperationalError as e:
+                conn.close()
+                if reused and attempt == 1 and not staged.added:
+                    continue   # an idle connection the server dropped meanwhile (a restart): try a new one
+                raise StoreError(f"could not read changes: {str(e).strip()}") from e
+            except psycopg.Error as e:
+                conn.close()
+                raise StoreError(f"could not read changes: {str(e).strip()}") from e
+            except BaseException:
+                conn.close()
+                raise
+            _READERS.give(self.dsn, conn)
+            return out
+        raise AssertionError("unreachable")
+
+    def _batches(self, conn, local: VersionVector, vv: VersionVector, max_changes: int, max_bytes: int):
+        for site, hi in sorted(local.items()):
+            lo = vv[site]
+            if hi > lo:
+                yield from self._site_batches(conn, site, lo, hi, max_changes, max_bytes)
 
     def _site_batches(self, conn, site: bytes, lo: int, hi: int, max_changes: int, max_bytes: int):
         with conn.cursor(name=f"p2p_read_{secrets.token_hex(4)}") as cur:

@@ -1,4 +1,4 @@
-"""Reading what a peer lacks: changes_since(vv) in bounded batches.
+"""Reading what a peer lacks: changes_since(vv) in bounded batches, from short snapshots.
 
 For each site S where we know more than the peer (ours[S] > theirs[S]) we
 walk the idx tables for entries (S, dbv) with theirs[S] < dbv <= ours[S] in
@@ -18,34 +18,227 @@ a cell of such a row, and the rest follows once the next stamp has run.
 Changes we hold (clock skew, unknown table or column) are in no meta table,
 yet our version vector counts them as received, so a peer relying on that
 vector would never get them from anyone: they travel in their db version's
-batch like the rest, for the peer to apply or hold in turn.
+batch like the rest (read from ``_p2p_held`` by origin and db version), for
+the peer to apply or hold in turn.
+
+No snapshot is held while a peer is waited for. ``in_snapshots`` reads in
+chunks: a reader thread opens a read transaction, stages batches until the
+first db-version boundary past ``CHUNK_BYTES`` and ends the transaction; it
+never waits for the consumer, who takes the batches as they are staged. What
+the consumer has not taken yet stays in memory up to ``STAGE_BYTES`` and goes
+to an unlinked temporary file beyond, so every part of one db version comes
+from one snapshot however slowly it is sent. The next chunk is read, from a
+new snapshot, once the consumer has taken this one, starting where it ended
+(the ranges handed out so far). A peer that stops reading (window full, slow
+socket) thus holds at most one chunk, mostly on disk, and never a read
+transaction: SQLite's WAL stays checkpointable and the relay holds no
+Postgres transaction.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict
-from collections.abc import Iterator
+import os
+import tempfile
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import apsw
+import msgpack
 
-from ..model import Batch, Change, VersionVector
-from .batching import site_batches
+from ..model import Batch, Change, Range, VersionVector
+from .batching import approx_size, site_batches
 from .ddl import TableSpec, q
 from .merging import SiteMap
+
+STAGE_BYTES = 1 << 20   # staged batches kept in memory for a consumer that lags (batch_bytes); beyond: a temp file
+CHUNK_BYTES = 8 << 20   # read from one snapshot before it ends (then the next chunk, from a new one)
+
+
+def pack_change(c: Change) -> bytes:
+    """A change as stored aside (held) or staged on disk: msgpack of its fields."""
+    return msgpack.packb([c.table, list(c.pk), c.site, c.dbv, c.hlc, c.alive, list(c.columns), list(c.values)],
+                         use_bin_type=True)
+
+
+def unpack_change(b: bytes) -> Change:
+    t, pk, site, dbv, hlc, alive, cols, vals = msgpack.unpackb(b, raw=False)
+    return Change(t, tuple(pk), site, dbv, hlc, alive, tuple(cols), tuple(vals))
+
+
+# -- staging ------------------------------------------------------------------
+
+
+def batch_bytes(batch: Batch) -> int:
+    """Roughly how many bytes ``batch`` takes on the wire (what the staging budgets count)."""
+    n = 0
+    for c in batch.changes:
+        n += approx_size(c.values) + approx_size(c.pk)
+    return n
+
+
+class Staged:
+    """Batches that a reader thread stages from one snapshot and a consumer takes, in order.
+
+    The reader never waits for the consumer: a batch stays in memory while
+    the batches in memory not yet taken are under ``memory_bytes`` (one is
+    always allowed), and otherwise goes to an unlinked temporary file. A
+    consumer that keeps up takes everything from memory as it is read; one
+    that stalls leaves at most ``memory_bytes`` in memory and the rest of the
+    chunk on disk.
+    """
+
+    def __init__(self, memory_bytes: int, spill_dir: str | None = None):
+        self.memory_bytes, self.spill_dir = memory_bytes, spill_dir
+        self.added = 0              # bytes staged in all (batch_bytes)
+        self.spilled = 0            # batches written to the file
+        self.complete = False       # the reader got to the end of what the peer lacks, not just of a chunk
+        self._cv = threading.Condition()
+        self._queue: deque = deque()    # (batch, more, size) in memory, or (None, more, (offset, length))
+        self._in_memory = 0
+        self._finished = False
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._file = None
+        self._end = 0
+
+    def add(self, batch: Batch, more: bool) -> bool:
+        """Stage one batch (the reader); False once the consumer has gone, to stop reading."""
+        size = batch_bytes(batch)
+        with self._cv:
+            if self._cancelled:
+                return False
+            self.added += size
+            if not self._in_memory or self._in_memory + size <= self.memory_bytes:
+                self._queue.append((batch, more, size))
+                self._in_memory += size
+                self._cv.notify()
+                return True
+        data = msgpack.packb(([(r.site, r.lo, r.hi) for r in batch.ranges], batch.changes), use_bin_type=True)
+        with self._cv:
+            if self._cancelled:
+                return False
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="p2psync-stage-", dir=self.spill_dir)
+            os.pwrite(self._file.fileno(), data, self._end)
+            self._queue.append((None, more, (self._end, len(data))))
+            self._end += len(data)
+            self.spilled += 1
+            self._cv.notify()
+        return True
+
+    def finish(self, complete: bool, error: BaseException | None = None) -> None:
+        """The reader is done (and its snapshot has ended)."""
+        with self._cv:
+            self._finished, self.complete, self._error = True, complete and error is None, error
+            self._cv.notify_all()
+
+    def take(self) -> tuple[Batch, bool] | None:
+        """The next (batch, more), waiting for the reader if it has not staged it yet; None at the end."""
+        with self._cv:
+            while not self._queue and not self._finished:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            if not self._queue:
+                return None
+            batch, more, where = self._queue.popleft()
+            if batch is not None:
+                self._in_memory -= where
+                return batch, more
+            offset, length = where
+            fd = self._file.fileno()
+        ranges, changes = msgpack.unpackb(os.pread(fd, length, offset), raw=False, use_list=False)
+        make = partial(tuple.__new__, Change)   # what Change._make does, without its checks
+        return Batch(tuple(map(make, changes)), tuple(Range(*r) for r in ranges)), more
+
+    def cancel(self) -> None:
+        """The consumer is done: drop what is staged; a reader still running stops at its next batch."""
+        with self._cv:
+            self._cancelled = True
+            self._queue.clear()
+            self._in_memory = 0
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def stage(staged: Staged, batches: Iterator[tuple[Batch, bool]], budget: int | None = None) -> bool:
+    """Stage ``batches`` up to the first db-version boundary past ``budget`` (default CHUNK_BYTES); whether
+    that was all of them. ``batches`` is closed before this returns, so its snapshot can end."""
+    budget = CHUNK_BYTES if budget is None else budget
+    try:
+        for batch, more in batches:
+            if not staged.add(batch, more):
+                return False
+            if not more and staged.added >= budget:
+                return False
+        return True
+    finally:
+        batches.close()
+
+
+def _read_in_thread(read_chunk, vv: VersionVector, staged: Staged) -> None:
+    try:
+        staged.finish(read_chunk(vv, staged))
+    except BaseException as e:  # handed to the consumer, raised there
+        staged.finish(False, e)
+
+
+def in_snapshots(read_chunk: Callable[[VersionVector, Staged], bool], vv: VersionVector,
+                 spill_dir: str | None = None) -> Iterator[tuple[Batch, bool]]:
+    """Batches of what a peer with ``vv`` lacks, chunk by chunk.
+
+    ``read_chunk(vv, staged)`` opens a snapshot, stages one chunk (``stage``),
+    ends the snapshot and says whether it read everything. It runs in a
+    thread of its own, so batches are handed out while it reads; the next
+    chunk is read once this one has been taken.
+    """
+    while True:
+        staged = Staged(STAGE_BYTES, spill_dir)
+        threading.Thread(target=_read_in_thread, args=(read_chunk, vv, staged), name="p2psync-read",
+                         daemon=True).start()
+        try:
+            while (item := staged.take()) is not None:
+                for r in item[0].ranges:
+                    if vv[r.site] >= r.lo and r.hi > vv[r.site]:
+                        vv = vv.with_entry(r.site, r.hi)
+                yield item
+        finally:
+            staged.cancel()
+        if staged.complete:
+            return
+
+
+# -- reading one snapshot of a device's database -------------------------------
 
 
 class ChangeReader:
     """Reads changes from one snapshot of the database (a read transaction)."""
 
-    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector,
-                 held: list[Change] = ()):
+    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector):
         self.conn, self.specs, self.local_vv = conn, specs, local_vv
+        self._cursors: set[apsw.Cursor] = set()
         self.sites = SiteMap(conn)
-        self.held: dict[bytes, list[Change]] = defaultdict(list)
-        for c in held:
-            self.held[c.site].append(c)
         self.unstamped = self._unstamped_versions()
+
+    def close(self) -> None:
+        """Finish every statement still open, so the read transaction can end."""
+        for cur in list(self._cursors):
+            cur.close()
+        self._cursors.clear()
+
+    def _rows(self, sql: str, args: tuple) -> Iterator[tuple]:
+        """The rows of a query, on a cursor of its own that is closed when the generator is."""
+        cur = self.conn.cursor()
+        self._cursors.add(cur)
+        try:
+            yield from cur.execute(sql, args)
+        finally:
+            self._cursors.discard(cur)
+            cur.close()
 
     def _unstamped_versions(self) -> dict[int, list[int]]:
         """Per site index, the db versions of cells of rows written since the last stamp."""
@@ -79,11 +272,17 @@ class ChangeReader:
                f"LEFT JOIN {q(spec.name)} b ON {on_b} "
                f"WHERE i.site = ? AND i.dbv > ? AND i.dbv <= ? ORDER BY i.dbv")
         nregs = 4 + 3 * ncols
-        for row in self.conn.execute(sql, (s_idx, lo, hi)):
+        for row in self._rows(sql, (s_idx, lo, hi)):
             pk = tuple(row[1:1 + npk])
             regs = row[1 + npk:1 + npk + (nregs if ncols else 5)]
             base = row[1 + npk + (nregs if ncols else 5):]
             yield row[0], spec.name, pk, regs, (base[1:] if base[0] is not None else None)
+
+    def _held(self, site: bytes, lo: int, hi: int):
+        """(dbv, None, change, None, None) for held changes of ``site`` with lo < dbv <= hi, in dbv order."""
+        for dbv, blob in self._rows("SELECT dbv, change FROM _p2p_held WHERE site = ? AND dbv > ? AND dbv <= ? "
+                                    "ORDER BY dbv, id", (site, lo, hi)):
+            yield dbv, None, unpack_change(blob), None, None
 
     def _orphan(self, spec: TableSpec, pk: tuple, col: str):
         rows = self.conn.execute(f"SELECT value FROM {spec.obj('orphan')} WHERE {spec.pk_where} AND col = ?",
@@ -142,11 +341,10 @@ class ChangeReader:
                 hi = min(dirty) - 1
                 if hi <= lo:
                     continue
-            held = sorted((c for c in self.held.get(site, ()) if lo < c.dbv <= hi), key=lambda c: c.dbv)
             # A site we never stored a cell of (everything it wrote was superseded before it
             # reached us) still gets its range: an empty batch completing it.
             streams = [self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()] if s_idx is not None else []
-            streams.append((c.dbv, None, c, None, None) for c in held)
+            streams.append(self._held(site, lo, hi))
             entries = heapq.merge(*streams, key=lambda e: e[0])
             # a held change comes as (dbv, None, change, None, None)
             versions = ((dbv, [pk] if table is None else self._changes(site, s_idx, dbv, table, pk, regs, base))

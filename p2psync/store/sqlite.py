@@ -1,9 +1,20 @@
 """The device store: an application's SQLite database plus p2psync metadata.
 
 One writer connection (the agent's) does tracking, stamping and applying,
-each in one IMMEDIATE transaction; reads for peers use their own connection
-and snapshot. Applications keep writing through their own connections; the
-triggers log their writes and ``stamp`` gives them clocks.
+each in one IMMEDIATE transaction; reads for peers use connections of their
+own (kept idle between reads) and short snapshots (store/reading.py).
+Applications keep writing through their own connections; the triggers log
+their writes and ``stamp`` gives them clocks.
+
+Held changes (unknown table or column, clock too far ahead) live in
+``_p2p_held``, indexed by digest (held once however often they arrive), by
+origin and db version (read for peers with the rest of that version), by
+clock and by table (released in chunks). Triggers keep the bytes held per
+table and in all; a change that would go past ``max_held_table_bytes`` or
+``max_held_bytes`` is not stored and its origin's vector does not advance
+over that batch, so nothing is lost: the origin's versions come again on a
+later session. ``_p2p_held_paused`` records which origin and table, for
+``status``, until that origin's vector advances again.
 """
 
 from __future__ import annotations
@@ -14,11 +25,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import apsw
-import msgpack
 
 from ..model import Batch, Change, Hlc, VersionVector
 from ..model.change import check_batch
@@ -27,41 +38,91 @@ from .connection import open_db
 from .ddl import TableSpec
 from .errors import StoreError
 from .merging import SiteMap, TableMerge
-from .reading import ChangeReader
+from .reading import ChangeReader, Staged, in_snapshots, pack_change, stage, unpack_change
 from .stamping import stamp_table
 from .tracking import inspect_table, install, load_specs
 
 DEFAULT_MAX_SKEW_MS = 60_000
 MAX_IDLE_READERS = 4
+HELD_TABLE_BYTES = 64 << 20     # held changes kept per table (bytes of their stored form)
+HELD_TOTAL_BYTES = 256 << 20    # and for all tables together
+RELEASE_CHUNK = 2000            # held changes released per write transaction
+INT64_MAX = (1 << 63) - 1
 
 
 def _schema_sql() -> str:
     return resources.files("p2psync.store").joinpath("sql/schema.sql").read_text()
 
 
-def _pack_change(c: Change) -> bytes:
-    return msgpack.packb([c.table, list(c.pk), c.site, c.dbv, c.hlc, c.alive, list(c.columns), list(c.values)],
-                         use_bin_type=True)
+def _held_row(reason: str, c: Change) -> tuple:
+    """(reason, tbl, hlc, change, site, dbv, digest, size): a change as _p2p_held stores it."""
+    blob = pack_change(c)
+    return reason, c.table, c.hlc, blob, c.site, c.dbv, hashlib.blake2b(blob, digest_size=16).digest(), len(blob)
 
 
-def _unpack_change(b: bytes) -> Change:
-    t, pk, site, dbv, hlc, alive, cols, vals = msgpack.unpackb(b, raw=False)
-    return Change(t, tuple(pk), site, dbv, hlc, alive, tuple(cols), tuple(vals))
+_INSERT_HELD = ("INSERT INTO _p2p_held(reason, tbl, hlc, change, site, dbv, digest, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO NOTHING")
+
+
+def _upgrade_held(conn: apsw.Connection) -> bool:
+    """Rename a _p2p_held made before held rows had an origin, digest and size to _p2p_held_old; whether one was."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(_p2p_held)")}
+    if not cols or "digest" in cols:
+        return False
+    conn.execute("ALTER TABLE _p2p_held RENAME TO _p2p_held_old")
+    return True
+
+
+def _move_old_held(conn: apsw.Connection) -> None:
+    """Copy the rows of _p2p_held_old into the new _p2p_held, then drop it."""
+    rows = conn.cursor().execute("SELECT reason, change FROM _p2p_held_old ORDER BY id")
+    conn.executemany(_INSERT_HELD, (_held_row(reason, unpack_change(blob)) for reason, blob in rows))
+    conn.execute("DROP TABLE _p2p_held_old")
+
+
+@dataclass(frozen=True)
+class HeldPause:
+    """An origin whose vector stopped advancing: its changes to ``table`` did not fit the held budget."""
+
+    table: str
+    site: bytes
+    reason: str
+    budget: int       # the limit that was full, in bytes
+
+    def advice(self, origin: str) -> str:
+        """One sentence for `status` saying what to do; ``origin`` names the device that wrote the changes."""
+        size = f"{self.budget >> 20} MiB" if self.budget >= 1 << 20 else f"{max(1, self.budget >> 10)} KiB"
+        full = f"the {size} kept for such changes is full"
+        track = f"upgrade the application on this device and run `p2psync track {self.table}`"
+        if self.reason == "unknown-table":
+            return (f"Sync from {origin} is paused: it writes table {self.table!r}, which this device does not "
+                    f"track, and {full}; {track}.")
+        if self.reason == "unknown-column":
+            return (f"Sync from {origin} is paused: it writes columns of table {self.table!r} that this device "
+                    f"does not have, and {full}; {track}.")
+        return (f"Sync from {origin} is paused: its changes to table {self.table!r} are stamped too far ahead of "
+                f"this device's clock, and {full}; correct the clock on {origin}, or run `p2psync release` here.")
 
 
 class SqliteStore:
     """p2psync's view of one SQLite database."""
 
-    def __init__(self, path: str | Path, site_id: bytes, *, max_clock_skew_ms: int = DEFAULT_MAX_SKEW_MS):
+    def __init__(self, path: str | Path, site_id: bytes, *, max_clock_skew_ms: int = DEFAULT_MAX_SKEW_MS,
+                 max_held_table_bytes: int = HELD_TABLE_BYTES, max_held_bytes: int = HELD_TOTAL_BYTES):
         self.path = Path(path)
         self.site_id = site_id
         self._readers: list[apsw.Connection] = []   # idle read connections, reused by changes_since
         self._reader_lock = threading.Lock()
         self._closed = False
         self.max_clock_skew_ms = max_clock_skew_ms
+        self.max_held_table_bytes, self.max_held_bytes = max_held_table_bytes, max_held_bytes
+        self._held_checked: bytes | None = None     # schema fingerprint when unknown-* held changes were last tried
         self.conn = open_db(self.path)
         with self._write():
+            old_held = _upgrade_held(self.conn)
             self.conn.execute(_schema_sql()).fetchall()
+            if old_held:
+                _move_old_held(self.conn)
             rows = self.conn.execute("SELECT site_id FROM _p2p_state").fetchall()
             if not rows:
                 self.conn.execute("INSERT INTO _p2p_state(id, site_id) VALUES (1, ?)", (site_id,))
@@ -174,17 +235,44 @@ class SqliteStore:
 
     def changes_since(self, vv: VersionVector, max_changes: int = 1000,
                       max_bytes: int = 1 << 20) -> Iterator[tuple[Batch, bool]]:
-        """Batches of what a peer with ``vv`` lacks, read from one snapshot."""
-        conn = open_db(self.path, readonly=True)
+        """Batches of what a peer with ``vv`` lacks; each db version whole from one snapshot, and no
+        snapshot held between batches (store/reading.py: staged chunks)."""
+        return in_snapshots(lambda v, staged: self._read_chunk(v, staged, max_changes, max_bytes), vv,
+                            str(self.path.parent))
+
+    def _read_chunk(self, vv: VersionVector, staged: Staged, max_changes: int, max_bytes: int) -> bool:
+        """Stage one chunk of what ``vv`` lacks from a read transaction, ended on return; whether that was all."""
+        conn = self._take_reader()
+        ok = False
         try:
             conn.execute("BEGIN")
-            local = VersionVector(dict(conn.execute("SELECT site, dbv FROM _p2p_vv").fetchall()))
-            specs = load_specs(conn)
-            held = [_unpack_change(b) for (b,) in conn.execute("SELECT change FROM _p2p_held ORDER BY id")]
-            yield from ChangeReader(conn, specs, local, held).batches(vv, max_changes, max_bytes)
-            conn.execute("COMMIT")
+            try:
+                local = VersionVector(dict(conn.execute("SELECT site, dbv FROM _p2p_vv").fetchall()))
+                reader = ChangeReader(conn, load_specs(conn), local)
+                try:
+                    complete = stage(staged, reader.batches(vv, max_changes, max_bytes))
+                finally:
+                    reader.close()
+            finally:
+                conn.execute("COMMIT")
+            ok = True
+            return complete
         finally:
-            conn.close()
+            self._give_reader(conn, ok)
+
+    def _take_reader(self) -> apsw.Connection:
+        with self._reader_lock:
+            if self._readers:
+                return self._readers.pop()
+        return open_db(self.path, readonly=True)
+
+    def _give_reader(self, conn: apsw.Connection, ok: bool) -> None:
+        """Keep a read connection (outside any transaction) for the next read, up to MAX_IDLE_READERS."""
+        with self._reader_lock:
+            if ok and not self._closed and len(self._readers) < MAX_IDLE_READERS:
+                self._readers.append(conn)
+                return
+        conn.close()
 
     # -- applying ---------------------------------------------------------
 
@@ -205,13 +293,16 @@ class SqliteStore:
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
             held, ready = self._screen(batch.changes, now_ms)
             merged = self._merge(ready, clock, now_ms)
-            self._store_held(held)
+            refused = self._store_held(held)
+            paused = {c.site for _, c in refused}
             vv = self.version_vector()
             for r in batch.ranges:
-                if r.site != self.site_id and vv[r.site] >= r.lo and r.hi > vv[r.site]:
+                if (r.site != self.site_id and r.site not in paused
+                        and vv[r.site] >= r.lo and r.hi > vv[r.site]):
                     self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (r.site, r.hi))
+                    self.conn.execute("DELETE FROM _p2p_held_paused WHERE site = ?", (r.site,))
                     vv = vv.with_entry(r.site, r.hi)
-        return ApplyResult(cells_won=merged, held=len(held), vv=vv)
+        return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv)
 
     def _catch_up_own(self, batch: Batch) -> None:
         """Take our own db versions that a peer knows and we do not (a restored backup).
@@ -273,13 +364,43 @@ class SqliteStore:
         self.conn.execute("UPDATE _p2p_state SET applying = 0, hlc = ?", (clock.last,))
         return won
 
-    def _store_held(self, held: list[tuple[str, Change]]) -> None:
-        """Keep changes aside, once each however often they arrive."""
-        if held:
-            self.conn.executemany(
-                "INSERT INTO _p2p_held(reason, tbl, hlc, change) SELECT ?1, ?2, ?3, ?4 "
-                "WHERE NOT EXISTS (SELECT 1 FROM _p2p_held WHERE change = ?4)",
-                [(r, c.table, c.hlc, _pack_change(c)) for r, c in held])
+    def _store_held(self, held: list[tuple[str, Change]]) -> list[tuple[str, Change]]:
+        """Keep changes aside, once each however often they arrive, within the held budgets.
+
+        Returns the (reason, change) pairs that did not fit: not stored, and
+        their origins recorded in _p2p_held_paused (the caller does not advance
+        those origins' vectors).
+        """
+        if not held:
+            return []
+        conn = self.conn
+        used: dict[str, int] = {}
+
+        def usage(tbl: str) -> int:
+            if tbl not in used:
+                rows = conn.execute("SELECT bytes FROM _p2p_held_usage WHERE tbl = ?", (tbl,)).fetchall()
+                used[tbl] = rows[0][0] if rows else 0
+            return used[tbl]
+
+        refused, seen = [], set()
+        for reason, c in held:
+            row = _held_row(reason, c)
+            digest, size = row[6], row[7]
+            if digest in seen or conn.execute("SELECT 1 FROM _p2p_held WHERE digest = ?", (digest,)).fetchall():
+                continue   # held already
+            seen.add(digest)
+            if usage(c.table) + size > self.max_held_table_bytes:
+                budget = self.max_held_table_bytes
+            elif usage("") + size > self.max_held_bytes:
+                budget = self.max_held_bytes
+            else:
+                conn.execute(_INSERT_HELD, row)
+                used[c.table] += size
+                used[""] += size
+                continue
+            refused.append((reason, c))
+            conn.execute("INSERT OR REPLACE INTO _p2p_held_paused VALUES (?, ?, ?, ?)", (c.table, c.site, reason, budget))
+        return refused
 
     # -- held changes -----------------------------------------------------
 
@@ -287,24 +408,64 @@ class SqliteStore:
         """Changes stored aside: unknown table or column, or clock too far ahead."""
         return [HeldChange(*r) for r in self.conn.execute("SELECT id, reason, tbl, hlc FROM _p2p_held ORDER BY id")]
 
+    def held_usage(self) -> dict[str, tuple[int, int]]:
+        """Per table, (bytes, changes) held; '' sums every table."""
+        return {t: (b, n) for t, b, n in self.conn.execute("SELECT tbl, bytes, changes FROM _p2p_held_usage "
+                                                           "WHERE changes > 0")}
+
+    def held_pauses(self) -> list[HeldPause]:
+        """Origins whose vector stopped advancing because a held budget was full."""
+        return [HeldPause(*r) for r in self.conn.execute("SELECT tbl, site, reason, budget FROM _p2p_held_paused "
+                                                         "ORDER BY tbl, site")]
+
     def release_held(self, now_ms: int, force: bool = False) -> int:
-        """Apply held changes that can now be applied (all skewed ones if ``force``); returns how many."""
+        """Apply held changes that can now be applied (all skewed ones if ``force``); returns how many.
+
+        Works in chunks of RELEASE_CHUNK changes, one write transaction each,
+        and reads only candidates: skewed changes whose clock is now in range,
+        and, when the tracked schema changed since the last try, the changes
+        of tables that are tracked now.
+        """
+        released = 0
+        top = INT64_MAX if force else min(INT64_MAX, ((now_ms + self.max_clock_skew_ms + 1) << 16) - 1)
+        while True:   # what is released leaves the selection
+            n, _ = self._release_chunk("reason = 'skew' AND hlc <= ? ORDER BY hlc", (top,), now_ms, force)
+            released += n
+            if not n:
+                break
+        fingerprint = self.schema_fingerprint()
+        if self._held_checked != fingerprint:
+            for table in list(self.specs):
+                after = 0
+                while after is not None:
+                    n, after = self._release_chunk("tbl = ? AND id > ? AND reason <> 'skew' ORDER BY id",
+                                                   (table, after), now_ms, force)
+                    released += n
+            self._held_checked = fingerprint
+        return released
+
+    def _release_chunk(self, where: str, args: tuple, now_ms: int, force: bool) -> tuple[int, int | None]:
+        """Release what can be of the first RELEASE_CHUNK held changes selected by ``where``, in one
+        transaction; (how many, the last id read or None if none). Those still held get their current reason."""
         with self._write():
-            rows = self.conn.execute("SELECT id, change FROM _p2p_held ORDER BY id").fetchall()
+            rows = self.conn.execute(f"SELECT id, reason, change FROM _p2p_held WHERE {where} LIMIT ?",
+                                     args + (RELEASE_CHUNK,)).fetchall()
             if not rows:
-                return 0
-            clock = Hlc(self._state()[1], self.max_clock_skew_ms)
-            changes = [_unpack_change(blob) for _, blob in rows]
-            ready, ids = [], []
-            for (hid, _), c, reason in zip(rows, changes, self._hold_reasons(changes, now_ms)):
+                return 0, None
+            changes = [unpack_change(blob) for _, _, blob in rows]
+            ready, ids, moved = [], [], []
+            for (hid, was, _), c, reason in zip(rows, changes, self._hold_reasons(changes, now_ms)):
                 if reason is None or (force and reason == "skew"):
                     ready.append(c)
                     ids.append((hid,))
+                elif reason != was:
+                    moved.append((reason, hid))
+            self.conn.executemany("UPDATE _p2p_held SET reason = ? WHERE id = ?", moved)
             if ready:
                 self._stamp_locked(now_ms)
-                self._merge(ready, clock, now_ms, force=force)
+                self._merge(ready, Hlc(self._state()[1], self.max_clock_skew_ms), now_ms, force=force)
                 self.conn.executemany("DELETE FROM _p2p_held WHERE id = ?", ids)
-            return len(ready)
+            return len(ready), rows[-1][0]
 
 
 def forget_sync_state(path: str | Path) -> list[str]:

@@ -14,13 +14,46 @@ CREATE TABLE IF NOT EXISTS _p2p_tables(
   pk TEXT NOT NULL,        -- JSON list of primary key columns, in key order
   cols TEXT NOT NULL       -- JSON list of other columns; meta column i belongs to cols[i]
 );
+-- Changes stored aside, not applied (store/sqlite.py, "held changes"). A database
+-- made before site..size existed has its rows moved here at start (_upgrade_held).
 CREATE TABLE IF NOT EXISTS _p2p_held(
   id INTEGER PRIMARY KEY,
   reason TEXT NOT NULL,    -- 'skew' | 'unknown-table' | 'unknown-column'
   tbl TEXT NOT NULL,
   hlc INTEGER NOT NULL,
-  change BLOB NOT NULL     -- msgpack of the change
+  change BLOB NOT NULL,    -- msgpack of the change (store/reading.py, pack_change)
+  site BLOB NOT NULL,      -- the change's origin and db version: it travels in that version's batch
+  dbv INTEGER NOT NULL,
+  digest BLOB NOT NULL,    -- BLAKE2b-128 of change: each change is held once however often it arrives
+  size INTEGER NOT NULL    -- bytes counted against the held budgets (length of change)
 );
+CREATE UNIQUE INDEX IF NOT EXISTS _p2p_held_by_digest ON _p2p_held(digest);
+CREATE INDEX IF NOT EXISTS _p2p_held_by_origin ON _p2p_held(site, dbv);
+CREATE INDEX IF NOT EXISTS _p2p_held_by_clock ON _p2p_held(reason, hlc);
+CREATE INDEX IF NOT EXISTS _p2p_held_by_table ON _p2p_held(tbl);
+-- Bytes and changes held per table, and for all tables together (tbl = ''; no table has
+-- an empty name), kept by the triggers below: a budget check reads one row.
+CREATE TABLE IF NOT EXISTS _p2p_held_usage(
+  tbl TEXT PRIMARY KEY,
+  bytes INTEGER NOT NULL,
+  changes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS _p2p_held_add AFTER INSERT ON _p2p_held BEGIN
+  INSERT INTO _p2p_held_usage VALUES (NEW.tbl, NEW.size, 1), ('', NEW.size, 1)
+    ON CONFLICT(tbl) DO UPDATE SET bytes = bytes + excluded.bytes, changes = changes + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS _p2p_held_drop AFTER DELETE ON _p2p_held BEGIN
+  UPDATE _p2p_held_usage SET bytes = bytes - OLD.size, changes = changes - 1 WHERE tbl IN (OLD.tbl, '');
+END;
+-- Origins whose version vector stopped advancing because their changes to a table did
+-- not fit its held budget (budget: the limit that was full, in bytes); `status` shows them.
+CREATE TABLE IF NOT EXISTS _p2p_held_paused(
+  tbl TEXT NOT NULL,
+  site BLOB NOT NULL,
+  reason TEXT NOT NULL,
+  budget INTEGER NOT NULL,
+  PRIMARY KEY(tbl, site)
+) WITHOUT ROWID;
 -- The group's membership log: signed events (p2psync/model/membership.py), kept
 -- as received; the agent verifies and resolves them. id orders nothing, it only
 -- tells readers that something was added (max(id) changes).
