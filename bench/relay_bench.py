@@ -79,7 +79,8 @@ def _relay_side_ingest(dsn: str) -> float:
     from p2psync.net.noise_stream import NoiseStream
     from p2psync.net.store_worker import wall_ms as clock_ms
     from p2psync.noise import agent_handshake
-    from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
+    from p2psync.identity import day_number
+    from p2psync.protocol.relay_preamble import day_ref, preamble, relay_prologue
     from p2psync.store import ApplyResult
     from p2psync.sync.sealing import Sealer
 
@@ -90,7 +91,7 @@ def _relay_side_ingest(dsn: str) -> float:
     ring = members.keys
     token, site = ring.relay_psk, keys[0].site_id
     admission = (members.state.group + members.found + token).hex()
-    ref = group_ref(token)
+    ref = day_ref(token, day_number(time.time()))
     sealer = Sealer(lambda: ring.current, ring.by_key_id.get)
     parts = []
     for k in range(0, ROWS, BATCH):

@@ -8,6 +8,7 @@ read what the other side answers; tests/wire.py reads it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import trio
@@ -19,7 +20,8 @@ from p2psync.net.noise_stream import NoiseStream
 from p2psync.noise import agent_handshake
 from p2psync.protocol import Error, FrameDecoder, Members, encode_event
 from p2psync.protocol.prologue import device_prologue
-from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
+from p2psync.identity import day_number
+from p2psync.protocol.relay_preamble import day_ref, preamble, relay_prologue
 
 
 @dataclass
@@ -48,7 +50,7 @@ async def open_session(who: Identity, host: str, port: int, *, relay: bool = Fal
     """A handshaken session as ``who`` (and its membership exchange); also the bytes read past it."""
     stream = await trio.open_tcp_stream(host, port)
     if relay:
-        ref = group_ref(who.relay_psk)
+        ref = day_ref(who.relay_psk, day_number(time.time()))
         await stream.send_all(preamble(ref))
         hs = agent_handshake(True, who.static_private, psk or who.relay_psk, relay_prologue(ref))
     else:

@@ -161,11 +161,12 @@ async def _relay_handshake(dev, r: RelayProcess, ref: bytes | None = None):
     from p2psync.identity import load_device
     from p2psync.net.noise_stream import NoiseStream
     from p2psync.noise import agent_handshake
-    from p2psync.protocol.relay_preamble import group_ref, preamble, relay_prologue
+    from p2psync.identity import day_number
+    from p2psync.protocol.relay_preamble import day_ref, preamble, relay_prologue
 
     device = load_device(dev.home)
     token = device_members(dev.home).keys.relay_psk
-    ref = ref or group_ref(token)
+    ref = ref or day_ref(token, day_number(time.time()))
     stream = await trio.open_tcp_stream("127.0.0.1", r.port)
     await stream.send_all(preamble(ref))
     ns = NoiseStream(stream, agent_handshake(True, device.static_private, token, relay_prologue(ref)))
@@ -183,11 +184,12 @@ def _connect_as(dev, r: RelayProcess, other_token: str) -> None:
     import trio
 
     from p2psync.net.noise_stream import HandshakeFailed
-    from p2psync.protocol.relay_preamble import group_ref
+    from p2psync.identity import day_number
+    from p2psync.protocol.relay_preamble import day_ref
 
     async def attempt():
         with pytest.raises((HandshakeFailed, trio.BrokenResourceError)):
-            ns = await _relay_handshake(dev, r, group_ref(bytes.fromhex(other_token)[48:]))
+            ns = await _relay_handshake(dev, r, day_ref(bytes.fromhex(other_token)[48:], day_number(time.time())))
             with trio.fail_after(15):
                 await ns.receive_some(1)  # the responder's failure shows up as a closed stream
 
@@ -328,8 +330,6 @@ def _member_session(dev, r: RelayProcess, payload: bytes, until: bytes | None = 
 
 
 def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_dsn):
-    import os
-
     from p2psync.model import Batch, Change, Range, VersionVector
     from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, encode_event
 

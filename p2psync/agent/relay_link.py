@@ -1,8 +1,9 @@
 """The device's session with a relay: the same sync session, sealed on the way out, opened on the way in.
 
 How this works: the agent keeps one session to the relay next to its LAN
-peers. It dials, sends the preamble naming its group (by the ref of its relay
-token), and runs the Noise handshake with the relay token as pre-shared key.
+peers. It dials, sends the preamble naming its group (by today's ref of its
+relay token, which changes every UTC day), and runs the Noise handshake with
+the relay token as pre-shared key.
 The session is an ordinary ``net.Connection`` whose store worker seals every
 outgoing batch (``sync.sealing``) and opens every incoming one: a relay-
 served change that fails authentication is counted, logged and left out
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 
 import trio
@@ -25,7 +27,8 @@ from ..net.connection import Connection, NotAMember, PeerClosed, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
-from ..protocol.relay_preamble import group_ref, preamble, relay_prologue
+from ..identity import day_number
+from ..protocol.relay_preamble import day_ref, preamble, relay_prologue
 from ..store import StoreError
 from ..sync.sealing import Sealer, split_parts
 
@@ -129,7 +132,7 @@ async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> 
             state.state, state.last_error = "waiting", "this device holds no key of its group yet"
             await trio.sleep(5)
             continue
-        ref = group_ref(token)
+        ref = day_ref(token, day_number(time.time()))
         state.state = "connecting"
         started = trio.current_time()
         try:

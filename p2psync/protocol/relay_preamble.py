@@ -1,17 +1,26 @@
 """What a device sends a relay before the Noise handshake, and what binds the handshake.
 
 A relay serves many groups and holds, for each, only its relay token (see
-``Group.relay_token``), which is the pre-shared key of that group's
+``KeyRing.relay_psk``), which is the pre-shared key of that group's
 handshakes with the relay. To know which key to use, the relay first reads a
-fixed 20-byte preamble: the magic ``P2R1`` and the group's *ref*, a keyed
-hash of the token that names the group without revealing the token. The ref
-is also bound into the handshake's prologue, so a preamble altered in
+fixed 20-byte preamble: the magic ``P2R1`` and the group's *ref* for the
+current UTC day, a keyed hash of the token and the day number
+(``day_ref``). It names the group without revealing the token, and changes
+every day, so an observer cannot link a device's sessions across days (or
+networks, once a day has passed). The relay accepts the refs of yesterday,
+today and tomorrow (clocks and midnights differ) and finds the group in a
+table it computes from the tokens it holds, with no trial decryption. The
+ref is also bound into the handshake's prologue, so a preamble altered in
 transit makes the handshake fail.
+
+``group_ref`` is the group's fixed handle: the key of its row in the relay's
+database. Devices no longer send it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 
 from .limits import PROTOCOL_VERSION
 
@@ -25,8 +34,19 @@ class BadPreamble(ValueError):
 
 
 def group_ref(token: bytes) -> bytes:
-    """The public name of the group whose relay token is ``token``."""
+    """The fixed handle of the group whose relay token is ``token`` (its key in the relay's database)."""
     return hashlib.blake2s(b"p2psync relay group ref", key=token, digest_size=GROUP_REF_LEN).digest()
+
+
+def day_ref(token: bytes, day: int) -> bytes:
+    """What a device of the group with relay token ``token`` sends as its ref on UTC day ``day``."""
+    return hashlib.blake2s(b"p2psync relay day ref" + struct.pack(">q", day), key=token,
+                           digest_size=GROUP_REF_LEN).digest()
+
+
+def accepted_refs(token: bytes, day: int) -> tuple[bytes, ...]:
+    """The refs a relay on UTC day ``day`` accepts for the group: yesterday's, today's and tomorrow's."""
+    return tuple(day_ref(token, d) for d in (day - 1, day, day + 1))
 
 
 def preamble(ref: bytes) -> bytes:

@@ -1,20 +1,31 @@
 """The relay peer: the device protocol, a Postgres store, many groups, no keys to the data.
 
 How this works: one trio nursery runs a TCP listener and a thread that
-LISTENs on Postgres. A connection starts with a 20-byte preamble naming a
-group (its ref); the relay looks the group up among the admitted ones (in
-Postgres, so a group admitted by another relay process is found too) and
-runs the Noise handshake with that group's relay token as the pre-shared
-key: only devices holding the group key can derive the token, so only they
-get through. The PSK only keeps strangers out of the handshake; what admits
-a device is its static key: the relay keeps each group's signed membership
-log (pinned at admission by the hash of the group's found event, so only
-the founding admin's chain of signatures counts) and lets a session sync
-only while the log lists the device's key as a current member. A removed
-key is refused as soon as the relay holds the removal, and open sessions
-of that key are closed. From then on the session is an ordinary sync
-session (``net.Connection``) over a ``PostgresStore`` for that one group: a
-device can read and write its own group's changes and nothing else.
+LISTENs on Postgres. Before anything is read, a connection must get past
+the handshake gate (handshakes in flight per source address and in all, a
+rate per source: ``net.admission``). It starts with a 20-byte preamble
+naming a group by its ref of the day; the relay finds the group in its
+table of refs (``RefTable``: yesterday's, today's and tomorrow's ref of
+every admitted group, computed from the tokens it holds), with no Postgres
+query. A ref not in the table is looked for again in Postgres (a group
+admitted by another relay process; that process NOTIFYs, so this is rare)
+at most once per REFRESH_INTERVAL for all refs, and is then refused from
+memory for UNKNOWN_REF_TTL. The relay runs the Noise handshake with that
+group's relay token as the pre-shared key: only devices holding the group
+key can derive the token, so only they get through. The PSK only keeps
+strangers out of the handshake; what admits a device is its static key: the
+relay keeps each group's signed membership log (pinned at admission by the
+hash of the group's found event, so only the founding admin's chain of
+signatures counts) and lets a session sync only while the log lists the
+device's key as a current member. A removed key is refused as soon as the
+relay holds the removal, and open sessions of that key are closed. Each
+session costs Postgres connections, so a process holds at most
+``SessionLimits`` sessions per device key (a new one closes that key's
+oldest), per group, and per group of keys its log does not list as current
+members (strangers, until they are admitted). From then on the session is
+an ordinary sync session (``net.Connection``) over a ``PostgresStore`` for
+that one group: a device can read and write its own group's changes and
+nothing else.
 
 Every apply NOTIFYs ``p2psync_relay`` with the group id; each relay process
 turns a notification into a wake-up of that group's sessions, so a change
@@ -26,7 +37,9 @@ then, since notifications sent while it was away are lost.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -34,22 +47,41 @@ import psycopg
 import trio
 
 from ..group import Admission, GroupMembers
+from ..identity import day_number
 from ..logsetup import setup_logging
+from ..net.admission import HandshakeGate, HandshakeLimits, LogThrottle, with_suppressed
 from ..net.bus import ChangeBus
 from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
+from ..protocol import Error, encode_event
 from ..protocol.relay_preamble import PREAMBLE_LEN, BadPreamble, parse_preamble, relay_prologue
 from ..store import StoreError
-from ..store.postgres import (NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_group, migrate,
+from ..store.postgres import (ADMITTED, NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_groups, migrate,
                               relay_site_id, relay_static_private)
+from .gates import Admitted, RefTable, SessionLimits, make_room
 
 log = logging.getLogger("p2psync.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_PENDING_HANDSHAKES = 64
+HANDSHAKE_LIMITS = HandshakeLimits()
 LISTEN_RETRY = 1.0
+
+
+@dataclass(eq=False)
+class SessionEntry:
+    """One device session of a group in this process, from its handshake on."""
+
+    key: bytes                      # the device's static key
+    label: str
+    scope: trio.CancelScope
+    conn: Connection | None = None
+    closing: bool = False           # closed to make room (per-device limit); no longer counted
+
+    @property
+    def admitted(self) -> bool:
+        return self.conn is not None and self.conn.admitted
 
 
 @dataclass
@@ -61,7 +93,7 @@ class GroupState:
     members: GroupMembers
     bus: ChangeBus = field(default_factory=ChangeBus)
     mark: int = 0
-    sessions: dict = field(default_factory=dict)     # Connection -> its cancel scope
+    sessions: list[SessionEntry] = field(default_factory=list)   # oldest first
 
 
 class SessionContext:
@@ -106,16 +138,24 @@ class SessionContext:
 class Relay:
     """A running relay process."""
 
-    def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None):
+    def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None,
+                 handshake_limits: HandshakeLimits = HANDSHAKE_LIMITS, session_limits: SessionLimits = SessionLimits()):
         self.dsn, self.listen = dsn, listen
         # What the relay sends keeps the device default (2,000 changes): a device
         # applies each batch in one SQLite transaction and must not hold the
         # write lock for long. Devices send the relay bigger batches.
         self.settings = settings or SyncSettings()
-        self.groups: dict[bytes, GroupState] = {}
+        self.refs = RefTable()
         self.by_id: dict[int, GroupState] = {}
         self.listen_address: tuple[str, int] | None = None
-        self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._handshakes = HandshakeGate(handshake_limits)
+        self.limits = session_limits
+        self._refusal_log = LogThrottle()
+        self._refresh_lock = trio.Lock()
+        self.counters = {"handshakes_refused_per_source": 0, "handshakes_refused_rate": 0,
+                         "handshakes_refused_in_flight": 0, "unknown_refs": 0, "group_table_reads": 0,
+                         "sessions_refused_per_group": 0, "sessions_refused_strangers": 0,
+                         "sessions_closed_per_device": 0}
         self.site_id = b""
         self._static = b""
 
@@ -127,34 +167,63 @@ class Relay:
             self._static = relay_static_private(conn)
             for ref, token, group_id, found in admit:
                 gid = admit_group(conn, ref, token, group_id, found)
-                log.info("group %d admitted (ref %s)", gid, ref.hex()[:12])
+                log.info("group %d admitted (handle %s)", gid, ref.hex()[:12])
+            self.refs.load(find_groups(conn), -math.inf)   # stale: the first unknown ref reads it again
         return applied
 
     # -- groups ---------------------------------------------------------------
 
-    def _lookup(self, ref: bytes):
+    def _read_groups(self):
         with connect(self.dsn) as conn:
-            found = find_group(conn, ref)
-            if found is None:
-                return None
-            gid = found[0]
-            events = [bytes(r[0]) for r in conn.execute("SELECT data FROM p2p_members WHERE grp = %s ORDER BY id",
-                                                        (gid,))]
-            mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s", (gid,)).fetchone()[0]
-            return found, events, mark
+            try:
+                return find_groups(conn)
+            except psycopg.Error as e:
+                raise StoreError(f"cannot read the admitted groups: {str(e).strip()}") from e
 
-    async def _group(self, ref: bytes) -> GroupState | None:
-        g = self.groups.get(ref)
+    async def reload_groups(self) -> None:
+        """Read the group table again (one query) and rebuild the table of refs."""
+        started = trio.current_time()
+        async with self._refresh_lock:
+            if self.refs.loaded_at >= started:
+                return   # another task read it meanwhile
+            self.counters["group_table_reads"] += 1
+            rows = await trio.to_thread.run_sync(self._read_groups)
+            self.refs.load(rows, trio.current_time())
+
+    async def _find(self, ref: bytes) -> Admitted | None:
+        """The admitted group ``ref`` names today; Postgres is asked only as RefTable says."""
+        now, day = trio.current_time(), day_number(time.time())
+        found = self.refs.get(ref, day)
+        if found is not None or self.refs.known_unknown(ref, now):
+            return found
+        if self.refs.stale(now):
+            await self.reload_groups()
+            found = self.refs.get(ref, day)
+        if found is None:
+            self.refs.mark_unknown(ref, trio.current_time())
+        return found
+
+    def _load_members(self, gid: int):
+        with connect(self.dsn) as conn:
+            try:
+                events = [bytes(r[0]) for r in conn.execute(
+                    "SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (gid,))]
+                mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
+                                    (gid,)).fetchone()[0]
+            except psycopg.Error as e:
+                raise StoreError(f"cannot read group {gid}'s membership: {str(e).strip()}") from e
+            return events, mark
+
+    async def _group(self, adm: Admitted) -> GroupState:
+        """The group's state in this process (its membership log read from Postgres the first time)."""
+        g = self.by_id.get(adm.id)
         if g is None:
-            looked = await trio.to_thread.run_sync(self._lookup, ref)
-            if looked is None:
-                return None
-            (gid, psk, _group_id, found), events, mark = looked
-            g = self.groups.get(ref)  # another connection may have loaded it meanwhile
+            events, mark = await trio.to_thread.run_sync(self._load_members, adm.id)
+            g = self.by_id.get(adm.id)  # another connection may have loaded it meanwhile
             if g is None:
-                members = GroupMembers(found)
+                members = GroupMembers(adm.found)
                 members.load(events)
-                g = self.groups[ref] = self.by_id[gid] = GroupState(gid, psk, members, mark=mark)
+                g = self.by_id[adm.id] = GroupState(adm.id, adm.token, members, mark=mark)
         return g
 
     async def reload_members(self, g: GroupState) -> None:
@@ -183,10 +252,13 @@ class Relay:
             log.info("group %d: membership %s by site %s", g.id, ev.kind, ev.signer.hex()[:12])
         encoded = tuple(g.members.encoded(new))
         async with trio.open_nursery() as n:
-            for conn in list(g.sessions):
-                if conn is not source and conn.admitted:
-                    n.start_soon(_push, conn, encoded)
-        for conn, scope in list(g.sessions.items()):
+            for e in list(g.sessions):
+                if e.conn is not None and e.conn is not source and e.conn.admitted:
+                    n.start_soon(_push, e.conn, encoded)
+        for e in list(g.sessions):
+            conn = e.conn
+            if conn is None:
+                continue
             adm = g.members.admit(conn.remote_static)
             if not adm.ok and conn.admitted:
                 log.warning("group %d: closing the session with %s: its key is %s", g.id, conn.label, adm.reason)
@@ -195,29 +267,40 @@ class Relay:
                         await conn.refuse(adm.reason)
                     except Exception:
                         pass
-                scope.cancel()
+                e.scope.cancel()
 
     # -- connections ----------------------------------------------------------
+
+    def _refused(self, counter: str, source: str, text: str, *args) -> None:
+        """Count a refusal and log it (a flood from one source is logged in part, then summed)."""
+        self.counters[counter] += 1
+        suppressed = self._refusal_log.allow(f"{counter} {source}", trio.current_time())
+        if suppressed is not None:
+            log.warning(with_suppressed(text % args, suppressed))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             label = f"{host}:{port}"
         except OSError:
-            label = "?"
+            host = label = "?"
         try:
-            if self._handshakes.value == 0:
-                log.warning("too many handshakes in progress; refusing %s", label)
+            refused = self._handshakes.enter(host, trio.current_time())
+            if refused is not None:
+                self._refused(f"handshakes_refused_{refused.code}", host, "%s; refusing connection from %s",
+                              refused.text, label)
                 return
-            async with self._handshakes:
-                opened = await self._open(stream, label)
+            try:
+                opened = await self._open(stream, label, host)
+            finally:
+                self._handshakes.leave(host)
             if opened is not None:
                 await self._serve(*opened, label)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _open(self, stream, label: str):
+    async def _open(self, stream, label: str, host: str):
         """(group, secured stream) once the preamble and handshake check out, else None."""
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -226,13 +309,15 @@ class Relay:
                     log.debug("connection from %s closed before sending anything", label)
                     return None
                 ref = parse_preamble(data)
-                group = await self._group(ref)
-                if group is None:
-                    log.warning("connection from %s: group ref %s is not admitted here; closed", label, ref.hex()[:12])
+                adm = await self._find(ref)
+                if adm is None:
+                    self._refused("unknown_refs", host, "connection from %s: group ref %s is not admitted here "
+                                  "(or the device's clock is more than a day off); closed before the handshake",
+                                  label, ref.hex()[:12])
                     return None
-                ns = NoiseStream(stream, agent_handshake(False, self._static, group.token, relay_prologue(ref)))
+                ns = NoiseStream(stream, agent_handshake(False, self._static, adm.token, relay_prologue(ref)))
                 await ns.do_handshake()
-                return group, ns
+                return await self._group(adm), ns
         except trio.TooSlowError:
             reason = f"no preamble and handshake within {HANDSHAKE_TIMEOUT:g} s"
         except BadPreamble as e:
@@ -246,17 +331,46 @@ class Relay:
         log.warning("connection from %s: %s; closed", label, reason)
         return None
 
+    def _room(self, g: GroupState, key: bytes, label: str) -> str | None:
+        """Make room for a new session of ``key`` in ``g`` (closing that key's oldest if it holds too many);
+        or why there is none. Both are counted and logged."""
+        room = make_room(g.sessions, key, lambda k: g.members.admit(k).ok, self.limits)
+        for e in room.close:
+            e.closing = True
+            e.scope.cancel()
+            self._refused("sessions_closed_per_device", f"{g.id} {key.hex()}",
+                          "group %d: device key %s holds %d sessions (limit %d per device); closing its oldest, "
+                          "with %s, for the new one with %s", g.id, key.hex()[:12], room.held, self.limits.per_device,
+                          e.label, label)
+        if room.refusal is None:
+            return None
+        counter, text = room.refusal
+        self._refused(counter, str(g.id), "group %d: %s; refusing %s", g.id, text, label)
+        return text
+
     async def _serve(self, group: GroupState, ns: NoiseStream, label: str) -> None:
-        try:
-            store = await trio.to_thread.run_sync(PostgresStore, self.dsn, group.id, self.site_id)
-        except StoreError as e:
-            log.warning("connection from %s: %s; closed", label, e)
+        refused = self._room(group, ns.remote_static, label)
+        if refused is not None:
+            with trio.move_on_after(1):
+                try:
+                    await ns.send_all(encode_event(Error("too-many-sessions", f"{refused}; try again later")))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            with trio.CancelScope(shield=True):
+                await ns.aclose()
             return
-        conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
+        entry = SessionEntry(ns.remote_static, label, trio.CancelScope())
+        group.sessions.append(entry)
+        store = None
         try:
-            with trio.CancelScope() as scope:
-                group.sessions[conn] = scope
-                await conn.run()
+            with entry.scope:
+                try:
+                    store = await trio.to_thread.run_sync(PostgresStore, self.dsn, group.id, self.site_id)
+                except StoreError as e:
+                    log.warning("connection from %s: %s; closed", label, e)
+                    return
+                entry.conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
+                await entry.conn.run()
         except NotAMember as e:
             log.warning("session with %s refused: %s", label, e)
         except PeerClosed as e:
@@ -266,14 +380,18 @@ class Relay:
         except Exception:  # a bug costs one session, never the relay
             log.exception("session with %s failed unexpectedly; closed", label)
         finally:
-            group.sessions.pop(conn, None)
+            group.sessions.remove(entry)
             with trio.CancelScope(shield=True):
                 await ns.aclose()
-                await trio.to_thread.run_sync(store.close)
+                if store is not None:
+                    await trio.to_thread.run_sync(store.close)
 
     # -- notifications ----------------------------------------------------------
 
     def _on_notify(self, payload: str) -> None:
+        if payload == ADMITTED:   # another relay process admitted a group
+            self._nursery.start_soon(self._reload_groups_logged)
+            return
         try:
             g = self.by_id.get(int(payload))
         except ValueError:
@@ -282,7 +400,14 @@ class Relay:
             g.bus.notify()
             self._nursery.start_soon(self.reload_members, g)
 
+    async def _reload_groups_logged(self) -> None:
+        try:
+            await self.reload_groups()
+        except StoreError as e:
+            log.warning("cannot read the admitted groups: %s", e)
+
     def _wake_all(self) -> None:
+        self._nursery.start_soon(self._reload_groups_logged)   # admissions made meanwhile went unheard
         for g in self.by_id.values():
             g.bus.notify()
             self._nursery.start_soon(self.reload_members, g)
@@ -372,7 +497,8 @@ def run_relay(dsn: str, listen: tuple[str, int], admit: list[tuple[bytes, bytes]
                     break
 
     trio.run(main)
-    log.info("relay stopped")
+    counted = ", ".join(f"{k} {v}" for k, v in relay.counters.items() if v)
+    log.info("relay stopped%s", f"; counters: {counted}" if counted else "")
     return 0
 
 
