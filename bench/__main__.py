@@ -1,4 +1,4 @@
-"""Run the benchmarks: python -m bench [store|sync|lan|relay|membership|slow|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|relay|membership|soak|slow|all]."""
 
 import subprocess
 import sys
@@ -26,12 +26,14 @@ from . import relay_bench  # noqa: E402
 SUITES["relay"] = relay_bench.run
 from . import membership_bench  # noqa: E402
 SUITES["membership"] = membership_bench.run
+from . import soak_bench  # noqa: E402
+SUITES["soak"] = soak_bench.run
 SUITES["slow"] = slow_tests
 
 
 def main(argv: list[str]) -> int:
     which = argv[0] if argv else "all"
-    names = [n for n in SUITES if n != "slow"] if which == "all" else [which]
+    names = [n for n in SUITES if n not in ("slow", "soak")] if which == "all" else [which]
     for name in names:
         if name not in SUITES:
             print(f"unknown suite {name!r}; known: {', '.join(SUITES)}, all", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -446,7 +447,26 @@ def cmd_run(args) -> int:
     config = load_config(home).override(
         listen=args.listen, peers=args.peer, relay=args.relay, interfaces=args.interface,
         log_level=args.log_level, mdns=False if args.no_mdns else None)
-    return run_agent(device, config)
+    try:
+        return run_agent(device, config)
+    except BaseExceptionGroup as group:   # the agent's nursery wraps what stopped it
+        cause = _only_leaf(group)
+        if not (isinstance(cause, OSError) and cause.errno in _LISTEN_ERRNOS):
+            raise
+        host, port = config.listen
+        raise ConfigError(f"cannot listen on {host}:{port}: {cause.strerror}; give --listen (or `listen` in "
+                          f"{home / 'config.toml'}) an address of this machine and a free port") from None
+
+
+_LISTEN_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
+
+
+def _only_leaf(error: BaseException) -> BaseException:
+    """The one exception inside nested exception groups, or the outermost group if there are several."""
+    inner = error
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return error if isinstance(inner, BaseExceptionGroup) else inner
 
 
 def _control_request(args, req: dict) -> dict:
@@ -473,6 +493,9 @@ def cmd_status(args) -> int:
 
 def cmd_release(args) -> int:
     st = _control_request(args, {"cmd": "release"})
+    if "error" in st:   # e.g. a held change stamped past the clock limit (model/hlc.py)
+        why = str(st["error"]).removeprefix("request failed: ")
+        raise RuntimeError(f"release refused: {why} (what was not released stays held; see `p2psync status`)")
     print(json.dumps(st) if args.json else f"released {st.get('released', 0)} held changes")
     return EXIT_OK
 

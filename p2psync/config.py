@@ -15,6 +15,7 @@ from pathlib import Path
 CONFIG_FILE = "config.toml"
 DEFAULT_PORT = 7733
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_CLOCK_SKEW_RANGE = (0.001, 365 * 86400.0)   # seconds: a millisecond to a year (ports: 1-65535, listen 0-65535)
 
 HostPort = tuple[str, int]
 
@@ -80,6 +81,8 @@ def load_config(home: Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except ValueError as e:  # tomllib lets some through, e.g. an integer of over 4300 digits
+        raise ConfigError(f"{path}: invalid TOML: {str(e).split(';')[0]}") from e
     return config_from_dict(data, str(path))
 
 
@@ -196,9 +199,20 @@ def _mdns(value: object, where: str) -> bool:
 def _max_clock_skew(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number of seconds, got {_kind(value)}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{_at(where, str(value))}: expected a number of seconds greater than 0")
+    low, high = MAX_CLOCK_SKEW_RANGE
+    shown = _number(value)
+    if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
+        raise ConfigError(f"{_at(where, shown)}: expected a number of seconds greater than 0")
+    if not low <= value <= high:
+        raise ConfigError(f"{_at(where, shown)}: out of range; expected a number of seconds from "
+                          f"{low:g} to {high:.0f} (one year)")
     return float(value)
+
+
+def _number(value: int | float) -> str:
+    """``value`` as an error message shows it: an integer of many digits is abridged."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:8]}... (an integer of {len(text)} digits)"
 
 
 def _item(where: str, i: int) -> str:

@@ -41,6 +41,9 @@ class TagGroup:
     def mdns_tags(self, day: int) -> set[str]:
         return {self.mdns_tag(day)}
 
+    def tag_keys(self) -> list[bytes]:
+        return [self.tag_key()]
+
 
 def device_members(home) -> GroupMembers:
     """The membership log of the device in ``home``, resolved, with its keys (as its agent sees it)."""

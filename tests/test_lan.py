@@ -29,6 +29,7 @@ from agents import PYTHON, SCHEMA, Device, Lab, wait_until
 from netlab import virtual_lan  # noqa: F401  (the fixture)
 
 from groups import TagGroup as Group, device_members
+from p2psync.discovery import instance_label
 from p2psync.identity import day_number
 from p2psync.protocol import PROTOCOL_VERSION
 
@@ -42,8 +43,14 @@ MDNS_PEER = str(Path(__file__).resolve().parent / "mdns_peer.py")
 
 
 def instance(dev: Device) -> str:
-    """The device's mDNS instance name (``p2psync-<site id>``)."""
+    """How the members of its group report the device (``p2psync-<site id>``), in their logs too."""
     return "p2psync-" + dev.site
+
+
+def label(dev: Device) -> str:
+    """The mDNS label the device advertises today (its site id sealed under its group's tag key)."""
+    tag_key = device_members(dev.home).keys.all[0].tag_key()
+    return instance_label(tag_key, bytes.fromhex(dev.site), day_number(time.time()))
 
 
 class LanLab(Lab):
@@ -164,11 +171,11 @@ def test_agents_find_each_other_by_mdns_and_converge_and_ignore_another_group(la
     assert [r[0] for r in final] == [1, 2, 3, 10, 11, 12, 20]
     assert a.row(20) == (20, "c20", 100, None)
 
-    # The stranger was seen by mDNS on both sides of the group boundary...
+    # The stranger was seen by mDNS on both sides of the group boundary (by its label only)...
     for d in (a, b, c):
-        wait_until(lambda: f"mDNS: {instance(x)} belongs to another group; ignored" in d.log(),
+        wait_until(lambda: f"mDNS: {label(x)} belongs to another group; ignored" in d.log(),
                    timeout=10, what=f"{d.name} to log X as another group's device")
-        wait_until(lambda: f"mDNS: {instance(d)} belongs to another group; ignored" in x.log(),
+        wait_until(lambda: f"mDNS: {label(d)} belongs to another group; ignored" in x.log(),
                    timeout=10, what=f"X to log {d.name} as another group's device")
     # ...but nobody ever dialled across it: no connection, no dialer, not one handshake.
     for d in (a, b, c):
@@ -341,34 +348,57 @@ def test_spoofed_mdns_adverts_and_goodbyes_do_not_disturb_sync(lan_lab):
     devices = [a, b, c]
     lab.wait_discovered(devices)        # each has learned the others' real addresses
 
-    # An insider-ish attacker on host 4: it has the group's mDNS tag (derived from the real group
-    # key) but no static key the group would accept, so it can advertise, not handshake.
+    # An attacker on the LAN (host 4) copies what anyone can see: the group's daily tag and the
+    # devices' labels. It holds no key of the group, so it can advertise, not handshake.
     tag = device_members(a.home).keys.current.mdns_tag(day_number(time.time()))
     txt = {"v": str(PROTOCOL_VERSION), "g": tag}
     hostile = lab.lan.host(4).ip
     dead = lab.lan.subnet.rsplit(".", 1)[0] + ".200"        # on the LAN, nobody there
-    fake = "p2psync-" + secrets.token_hex(16)
+    fake = "p2psync-" + secrets.token_hex(24)                # a label that opens under no group key
     services = [{"instance": fake, "server": f"{fake}.local.", "address": hostile, "port": PORT, "txt": txt}]
-    # Every real device's own instance and host name, re-advertised at a dead or a hostile address
+    # Every real device's own label and host name, re-advertised at a dead or a hostile address
     # (the A records carry cache-flush: the agents' mDNS caches now hold only the false address).
     for d, addr in zip(devices, (dead, hostile, dead)):
-        services.append({"instance": instance(d), "server": f"{instance(d)}.local.", "address": addr,
+        services.append({"instance": label(d), "server": f"{label(d)}.local.", "address": addr,
                          "port": PORT, "txt": txt})
     plan = {"interface": hostile, "listen": [hostile, PORT], "services": services}
     spoofer = JsonLinesProcess(lab, 4, [SPOOFER, json.dumps(plan)])
     spoofer.wait_for(ev="ready")
 
-    # Every agent takes the bait (dials the fake device and fails its handshake)...
+    # The fake device has the group's tag but not a member's label: every agent sees it and ignores it...
     for d in devices:
-        wait_until(lambda: d.counters()["handshake_failures"] >= 1, timeout=15,
-                   what=f"{d.name} to dial the fake device")
-    # ...yet sync between the real devices goes on, over their real addresses.
+        wait_until(lambda: f"mDNS: {fake} belongs to another group; ignored" in d.log(), timeout=15,
+                   what=f"{d.name} to see and ignore the fake device")
+        assert not any(p.get("address") == fake for p in d.status()["peers"])
+    # ...and sync between the real devices goes on, over their real addresses.
     a.execute(INSERT, (1, "during the spoof", 1, None))
     wait_until(lambda: b.row(1) and c.row(1), timeout=5, what="a write during the spoof")
     assert_mesh_addresses(lab, devices)
 
-    # The attacker withdraws its adverts: zeroconf sends goodbyes for the real devices' names too.
-    since = lab.log_offsets()
+    def reset_and_reconnect() -> None:
+        """Reset every connection: the agents dial each other again and must get through at the real
+        addresses they learned, after at most a few forged ones (a spoofed advert or goodbye must not
+        make them forget or give up a live peer)."""
+        since = lab.log_offsets()
+        reset = time.monotonic()
+        for d in devices:
+            lab.kill_tcp(d)
+        lab.wait_mesh(devices, timeout=20)
+        for d in devices:
+            peers = d.status()["peers"]
+            assert all(p["connected_for_s"] <= time.monotonic() - reset + 0.2 for p in peers
+                       if p["state"] == "connected"), (d.name, "a connection survived the reset", peers)
+            log = d.log()[since[d.name]:]
+            for o in devices:
+                assert f"no longer dialling {instance(o)}" not in log, f"{d.name} gave up {o.name}"
+        assert_mesh_addresses(lab, devices)
+
+    # While the forged adverts stand: A and C now also dial B's forged, hostile address (and fail there).
+    failures = a.counters()["handshake_failures"] + c.counters()["handshake_failures"]
+    reset_and_reconnect()
+    assert a.counters()["handshake_failures"] + c.counters()["handshake_failures"] > failures
+
+    # The attacker withdraws its adverts: zeroconf sends goodbyes for the real devices' labels too.
     spoofer.proc.stdin.close()
     bye = spoofer.wait_for(ev="bye")
     assert spoofer.proc.wait(timeout=10) == 0
@@ -378,21 +408,7 @@ def test_spoofed_mdns_adverts_and_goodbyes_do_not_disturb_sync(lan_lab):
             if o is not d:
                 wait_until(lambda: f"mDNS: {instance(o)} said goodbye" in d.log(), timeout=5,
                            what=f"{d.name} to receive the spoofed goodbye for {o.name}")
-
-    # Now every connection is reset: the agents must dial each other again at the real addresses
-    # they learned (a spoofed advert or goodbye must not make them forget or give up a live peer).
-    reset = time.monotonic()
-    for d in devices:
-        lab.kill_tcp(d)
-    lab.wait_mesh(devices, timeout=20)
-    for d in devices:
-        peers = d.status()["peers"]
-        assert all(p["connected_for_s"] <= time.monotonic() - reset + 0.2 for p in peers
-                   if p["state"] == "connected"), (d.name, "a connection survived the reset", peers)
-        log = d.log()[since[d.name]:]
-        for o in devices:
-            assert f"no longer dialling {instance(o)}" not in log, f"{d.name} gave up {o.name} after a spoofed goodbye"
-    assert_mesh_addresses(lab, devices)
+    reset_and_reconnect()
     b.execute(INSERT, (2, "after the spoof", 2, None))
     wait_until(lambda: a.row(2) and c.row(2), timeout=5, what="a write after the spoof")
     assert lab.converged(devices)

@@ -19,6 +19,8 @@ from p2psync.discovery import (
     MdnsDiscovery,
     PeerGone,
     PeerSeen,
+    instance_label,
+    label_site,
     site_id_of,
     tag_matches,
 )
@@ -45,15 +47,14 @@ async def next_event(disc: MdnsDiscovery, instance: str, kind: type, seen: list 
     raise AssertionError(f"{disc.instance}'s events ended before a {kind.__name__} of {instance}")
 
 
-def resolve_txt(instance: str) -> dict:
-    """The TXT entries of ``instance`` as a third party on loopback sees them."""
+def resolve_txt(label: str, timeout_ms: int = 5000) -> dict | None:
+    """The TXT entries advertised under ``label`` as a third party on loopback sees them (None: no answer)."""
     zc = Zeroconf(interfaces=LOOPBACK, ip_version=IPVersion.V4Only)
     try:
-        info = zc.get_service_info(SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}", timeout=5000)
+        info = zc.get_service_info(SERVICE_TYPE, f"{label}.{SERVICE_TYPE}", timeout=timeout_ms)
     finally:
         zc.close()
-    assert info is not None, f"{instance} did not answer"
-    return info.properties
+    return None if info is None else info.properties
 
 
 @pytest.mark.trio
@@ -76,8 +77,8 @@ async def test_device_of_another_group_is_reported_not_ok(nursery) -> None:
     a, stranger = device(Group.generate(), 7211), device(Group.generate(), 7212)
     await nursery.start(a.run)
     await nursery.start(stranger.run)
-    seen = await next_event(a, stranger.instance, PeerSeen)
-    assert seen == PeerSeen([("127.0.0.1", 7212)], stranger.instance, False)
+    seen = await next_event(a, stranger.label, PeerSeen)   # not a member: known by its label only
+    assert seen == PeerSeen([("127.0.0.1", 7212)], stranger.label, False)
 
 
 @pytest.mark.trio
@@ -100,7 +101,8 @@ async def test_txt_holds_only_version_and_daily_group_tag(nursery) -> None:
     group = Group.generate()
     a = device(group, 7231)
     await nursery.start(a.run)
-    props = await trio.to_thread.run_sync(resolve_txt, a.instance)
+    props = await trio.to_thread.run_sync(resolve_txt, a.label)
+    assert props is not None, f"{a.label} did not answer"
     assert set(props) == {b"v", b"g"}
     assert props[b"v"] == str(PROTOCOL_VERSION).encode()
     today = day_number(time.time())
@@ -114,6 +116,8 @@ async def test_txt_holds_only_version_and_daily_group_tag(nursery) -> None:
         text = value.decode("ascii").lower()
         assert len(text) <= 16
         assert not any(text and text in s for s in stable if len(text) >= 8)
+    sealed = a.label.removeprefix("p2psync-")                  # the label: no stable identifier either
+    assert not any(sealed[i:i + 8] in s for s in stable for i in range(0, len(sealed) - 7, 4))
 
 
 @pytest.mark.trio
@@ -129,13 +133,17 @@ async def test_tag_rotates_at_utc_midnight_and_peers_keep_recognising_each_other
     await nursery.start(a.run)
     await nursery.start(b.run)
     assert (await next_event(a, b.instance, PeerSeen)).tag_ok
-    assert (await trio.to_thread.run_sync(resolve_txt, b.instance))[b"g"] == group.mdns_tag(day).encode()
+    assert b.label == instance_label(group.tag_key(), b.site_id, day)
+    assert (await trio.to_thread.run_sync(resolve_txt, b.label))[b"g"] == group.mdns_tag(day).encode()
+    tomorrow = instance_label(group.tag_key(), b.site_id, day + 1)
     with trio.fail_after(TIMEOUT):
         while day_number(clock()) == day:
             await trio.sleep(0.05)
-        while (await trio.to_thread.run_sync(resolve_txt, b.instance))[b"g"] != group.mdns_tag(day + 1).encode():
+        while (await trio.to_thread.run_sync(resolve_txt, tomorrow, 1000) or {}).get(b"g") != \
+                group.mdns_tag(day + 1).encode():
             await trio.sleep(0.1)
-    assert (await next_event(a, b.instance, PeerSeen)).tag_ok   # the update is reported, still ours
+    assert (await next_event(a, b.instance, PeerSeen)).tag_ok   # the new label is reported, as the same device
+    assert b.label == tomorrow
 
 
 def test_tag_matches_yesterday_today_and_tomorrow_only() -> None:
@@ -152,12 +160,21 @@ def test_tag_matches_yesterday_today_and_tomorrow_only() -> None:
     assert not tag_matches(group, b"", now)
 
 
-def test_instance_names_carry_the_site_id_only() -> None:
-    site = bytes(range(16))
-    assert MdnsDiscovery(site, Group.generate(), 7000, LOOPBACK).instance == "p2psync-" + site.hex()
+def test_members_are_reported_by_site_id_and_advertise_a_daily_sealed_label() -> None:
+    site, group = bytes(range(16)), Group.generate()
+    disc = MdnsDiscovery(site, group, 7000, LOOPBACK, clock=lambda: 1_700_000_000.0)
+    assert disc.instance == "p2psync-" + site.hex()
     assert site_id_of("p2psync-" + site.hex().upper()) == site
     assert site_id_of("p2psync-1234") is None
     assert site_id_of("printer") is None
+    day = day_number(1_700_000_000.0)
+    assert disc.label == instance_label(group.tag_key(), site, day)
+    assert site.hex() not in disc.label and len(disc.label) <= 63
+    assert label_site([group.tag_key()], disc.label, day) == site
+    assert label_site([group.tag_key()], disc.label, day + 1) == site      # tomorrow by a peer's clock
+    assert label_site([group.tag_key()], disc.label, day + 2) is None
+    assert label_site([Group.generate().tag_key()], disc.label, day) is None
+    assert label_site([group.tag_key()], "p2psync-" + site.hex(), day) is None
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ from ..config import Config
 from ..discovery import DiscoveryError, MdnsDiscovery, PeerGone
 from ..identity import Device
 from ..logsetup import setup_logging
+from ..net.admission import HandshakeGate, HandshakeLimits, LogThrottle, with_suppressed
 from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings, dial
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..noise import agent_handshake, agent_responder
@@ -54,10 +56,11 @@ def _env_seconds(name: str, default: float) -> float:
 
 HANDSHAKE_TIMEOUT = _env_seconds("P2PSYNC_HANDSHAKE_TIMEOUT", 10.0)
 CONNECT_TIMEOUT = 5.0
-MAX_PENDING_HANDSHAKES = 64
+HANDSHAKE_LIMITS = HandshakeLimits()   # in flight per source and in all, rate per source (net/admission.py)
 HELD_RETRY_INTERVAL = 30.0
 MDNS_GIVE_UP = 3600.0  # seconds of failed dialling before forgetting a discovered peer
 COMMIT_VISIBLE_RETRIES = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064)
+STAMP_RETRY_FIRST, STAMP_RETRY_MAX = 1.0, 30.0   # seconds before stamping again after an error, doubling
 
 
 prologue = device_prologue
@@ -80,7 +83,7 @@ class DialState:
     """A peer we dial (static or discovered) and what the dialer is doing."""
 
     address: str
-    addresses: set = field(default_factory=set)
+    addresses: list = field(default_factory=list)   # tried in order; for a discovered peer, discovery's list
     discovered: bool = False
     gone: bool = False
     state: str = "starting"
@@ -106,9 +109,11 @@ class Agent:
         self.links: dict[bytes, Link] = {}
         self.dialers: dict[str, DialState] = {}
         self.counters = {"handshake_failures": 0, "protocol_errors": 0, "batches_applied": 0,
-                         "cells_applied": 0, "changes_held": 0}
+                         "cells_applied": 0, "changes_held": 0, "handshakes_refused_per_source": 0,
+                         "handshakes_refused_rate": 0, "handshakes_refused_in_flight": 0, "stamp_errors": 0}
         self.listen_address: tuple[str, int] | None = None
-        self._handshakes = trio.Semaphore(MAX_PENDING_HANDSHAKES)
+        self._handshakes = HandshakeGate(HANDSHAKE_LIMITS)
+        self._refusal_log = LogThrottle()
         self.notifier = Notifier()
         self.relay_state: RelayState | None = None
         self.group = GroupService(self)
@@ -219,13 +224,16 @@ class Agent:
             host, port = stream.socket.getpeername()[:2]
             label = f"{host}:{port}"
         except OSError:
-            label = "?"
-        if self._handshakes.value == 0:
-            log.warning("too many handshakes in progress; refusing connection from %s", label)
+            host = label = "?"
+        refused = self._handshakes.enter(host, trio.current_time())
+        if refused is not None:
+            self._refuse(refused, host, label)
             await stream.aclose()
             return
-        async with self._handshakes:
+        try:
             ns, invite = await self._secure(stream, False, label)
+        finally:
+            self._handshakes.leave(host)
         if ns is None:
             return
         if invite is not None:
@@ -236,6 +244,13 @@ class Agent:
                     await ns.aclose()
             return
         await self._run_link(ns, label, initiator=False)
+
+    def _refuse(self, refused, host: str, label: str) -> None:
+        """Count and log a connection refused before its handshake (a flood is logged in part, then summed)."""
+        self.counters[f"handshakes_refused_{refused.code}"] += 1
+        suppressed = self._refusal_log.allow(f"{refused.code} {host}", trio.current_time())
+        if suppressed is not None:
+            log.warning("%s; refusing connection from %s", with_suppressed(refused.text, suppressed), label)
 
     async def _run_link(self, ns: NoiseStream, label: str, initiator: bool) -> None:
         remote = ns.remote_static
@@ -283,8 +298,10 @@ class Agent:
     async def _dial_loop(self, st: DialState) -> None:
         """Keep a connection to the peer behind ``st``: try its addresses in turn, back off, retry.
 
-        Addresses are only ever added (a failed handshake at a spoofed address
-        never removes the real one). A dialer for a discovered peer stops after
+        A discovered peer's addresses are discovery's bounded list, newest
+        first (a forged advert cannot push out the address the peer was first
+        seen at, see discovery/mdns.py); a failed handshake at one address
+        never removes another. A dialer for a discovered peer stops after
         failing for MDNS_GIVE_UP seconds (a partitioned peer that comes back
         within that time is found again: mDNS sends no new event for it), or
         after one failed round once the peer said goodbye: anyone on the LAN
@@ -363,21 +380,44 @@ class Agent:
             st = self.dialers.get(ev.instance)
             if st is not None and st.state != "gone":
                 st.gone = False
-                st.addresses.update(ev.addresses)
+                st.addresses = list(ev.addresses)   # discovery's bounded, current list, newest first
                 continue
             log.info("mDNS: found %s at %s", ev.instance, ", ".join(f"{h}:{p}" for h, p in ev.addresses))
-            st = self.dialers[ev.instance] = DialState(ev.instance, addresses=set(ev.addresses), discovered=True)
+            st = self.dialers[ev.instance] = DialState(ev.instance, addresses=list(ev.addresses), discovered=True)
             nursery.start_soon(self._dial_loop, st)
 
     # -- local changes ------------------------------------------------------
 
+    async def _stamp(self) -> bool:
+        """Stamp pending local writes and tell the peers; False after an error (logged and counted, never fatal)."""
+        try:
+            n = await self.worker.stamp()
+        except Exception as e:   # the application holding the write lock, a full disk, the clock at its limit
+            self.counters["stamp_errors"] += 1
+            log.error("stamping local writes failed (will retry): %s", e)
+            return False
+        if n is not None:
+            log.debug("stamped local writes as db version %d", n)
+            self.bus.notify()
+        return True
+
+    @staticmethod
+    def _stamp_retry(ok: bool, retry: float | None) -> float | None:
+        """How long to wait before stamping again unasked: never after a success, else longer each time."""
+        if ok:
+            return None
+        return STAMP_RETRY_FIRST if retry is None else min(retry * 2, STAMP_RETRY_MAX)
+
     async def _watch_db(self) -> None:
         with DbWatcher(self.device.db_path) as watcher:
             last = await self.worker.data_version()
-            if await self.worker.stamp():
-                self.bus.notify()
+            retry = self._stamp_retry(await self._stamp(), None)
             while True:
-                await watcher.wait_changed()
+                with trio.move_on_after(math.inf if retry is None else retry) as idle:
+                    await watcher.wait_changed()
+                if idle.cancelled_caught:   # stamping failed and nothing was written since: try again
+                    retry = self._stamp_retry(await self._stamp(), retry)
+                    continue
                 # The WAL file changes a moment before the commit is published in
                 # the shared-memory index (whose writes inotify cannot see), so a
                 # wake-up may come just before the commit is visible: look again
@@ -387,9 +427,7 @@ class Agent:
                     dv = await self.worker.data_version()
                     if dv != last:
                         last = dv
-                        if (n := await self.worker.stamp()) is not None:
-                            log.debug("stamped local writes as db version %d", n)
-                            self.bus.notify()
+                        retry = self._stamp_retry(await self._stamp(), retry)
                         await self.group.reload()
                         break
                     if step == len(COMMIT_VISIBLE_RETRIES):
@@ -456,7 +494,8 @@ class Agent:
             "version_vector": {s.hex(): n for s, n in vv.items()},
             "tracked": [s.name for s in self.store.tracked()],
             "peers": peers,
-            "held": {"count": len(held), "reasons": _count(h.reason for h in held)},
+            "held": {"count": len(held), "reasons": _count(h.reason for h in held),
+                     "paused": [p.advice(self.members.who(p.site)) for p in await self.worker.held_pauses()]},
             "counters": counters,
         }
 
@@ -492,7 +531,7 @@ class Agent:
         with self._sync_scope:
             async with trio.open_nursery() as n:
                 for h, p in self.config.peers:
-                    st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses={(h, p)})
+                    st = self.dialers[f"{h}:{p}"] = DialState(f"{h}:{p}", addresses=[(h, p)])
                     n.start_soon(self._dial_loop, st)
                 if self.relay_state is not None:
                     h, p = self.config.relay
@@ -521,6 +560,10 @@ class _Tags:
     def mdns_tags(self, day: int) -> set[str]:
         ring = self.members.keys
         return ring.mdns_tags(day) if ring is not None else set()
+
+    def tag_keys(self) -> list[bytes]:
+        ring = self.members.keys
+        return [k.tag_key() for k in ring.all] if ring is not None else []
 
 
 def _count(items) -> dict:

@@ -27,6 +27,8 @@ def format_status(st: dict) -> str:
         lines.append(f"held     {held['count']} changes ({reasons}); `p2psync release` applies skewed ones now")
     else:
         lines.append("held     0 changes")
+    for advice in held.get("paused", []):
+        lines.append(f"PAUSED   {advice}")
     peers = st.get("peers", [])
     lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
     for p in peers:

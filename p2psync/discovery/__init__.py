@@ -2,10 +2,14 @@
 
 from .mdns import (
     SERVICE_TYPE,
+    AddressTable,
     DiscoveryError,
+    GroupTags,
     MdnsDiscovery,
     PeerGone,
     PeerSeen,
+    instance_label,
+    label_site,
     site_id_of,
     tag_matches,
     txt_properties,
@@ -13,6 +17,6 @@ from .mdns import (
 from .portal import ThreadPortal
 
 __all__ = [
-    "DiscoveryError", "MdnsDiscovery", "PeerGone", "PeerSeen", "SERVICE_TYPE", "ThreadPortal",
-    "site_id_of", "tag_matches", "txt_properties",
+    "AddressTable", "DiscoveryError", "GroupTags", "MdnsDiscovery", "PeerGone", "PeerSeen", "SERVICE_TYPE",
+    "ThreadPortal", "instance_label", "label_site", "site_id_of", "tag_matches", "txt_properties",
 ]

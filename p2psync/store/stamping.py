@@ -6,6 +6,10 @@ db version, so a stamp never splits an application transaction. Each logged
 row gets the HLC ``max(min(wall, now) << 16, last + 1)``: after every
 timestamp we issued or saw, and at the write's own wall time when the agent
 was not running. Several log rows for one key collapse in log order.
+
+A stamp that would issue a db version or an HLC past the model's limits
+(``MAX_DB_VERSION``, ``MAX_HLC``: 2^62 - 1) is refused with a StoreError
+before anything is written; the log stays pending.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import apsw
 
 from .merging import existing_keys
 from .ddl import MASK_BITS, OP_CHECK, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec, q
-from ..model.hlc import pack
+from .errors import StoreError
+from ..model.hlc import MAX_DB_VERSION, MAX_HLC, pack
 
 
 def _columns_of(mask: int | str, ncols: int) -> int:
@@ -32,13 +37,29 @@ def _columns_of(mask: int | str, ncols: int) -> int:
     return mask
 
 
+def check_limits(dbv: int, last_hlc: int, now_ms: int) -> None:
+    """StoreError unless db version ``dbv`` and the HLCs after ``last_hlc`` at ``now_ms`` are within the limits."""
+    if dbv > MAX_DB_VERSION:
+        raise StoreError(f"cannot stamp local writes as db version {dbv}: past the limit {MAX_DB_VERSION} "
+                         f"(2^62 - 1); they stay pending, unsynced; restore a backup from before the jump "
+                         f"(`p2psync restore`)")
+    if max(last_hlc + 1, pack(now_ms)) > MAX_HLC:
+        raise StoreError(f"cannot stamp local writes: this device's clock is at HLC {last_hlc}, past the limit "
+                         f"{MAX_HLC} (2^62 - 1); they stay pending, unsynced; restore a backup from before the "
+                         f"clock jumped (`p2psync restore`)")
+
+
 def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: int,
                 last_hlc: int, now_ms: int) -> tuple[int, int]:
-    """Stamp ``spec``'s pending log; returns (rows stamped, highest HLC issued)."""
+    """Stamp ``spec``'s pending log; returns (rows stamped, highest HLC issued).
+
+    StoreError, with nothing written, if ``dbv`` or the HLCs it would issue are past the model's limits.
+    """
     npk, ncols = len(spec.pk), len(spec.cols)
     rows = conn.execute(f"SELECT * FROM {spec.obj('log')} ORDER BY rowid").fetchall()
     if not rows:
         return 0, last_hlc
+    check_limits(dbv, last_hlc, now_ms)
     floor = last_hlc + 1
     top = last_hlc
     state: dict[tuple, list] = {}  # pk -> [exists(None/True/False), column bitmask, hlc]
