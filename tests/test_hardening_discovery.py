@@ -149,8 +149,9 @@ async def test_forged_adverts_neither_grow_a_members_addresses_nor_push_out_the_
         "the flood did not reach A"   # (A reports the latest state only: events for one name coalesce)
     assert all(len(e.addresses) <= MAX_LISTED for e in about_b), max(len(e.addresses) for e in about_b)
     assert all(e.tag_ok for e in about_b)
-    last = about_b[-1]   # what A's agent dials now: bounded, the real address kept, the newest first
-    assert real in last.addresses and last.addresses[0] == marker, last.addresses
+    last = about_b[-1]   # what A's agent dials now: bounded, the real address kept, the newest there
+    # (which one is first depends on whether B's own re-announcement came after the last forgery)
+    assert real in last.addresses and marker in last.addresses, last.addresses
     assert all(real in e.addresses for e in about_b), "the real address was pushed out at some point"
     assert not [e for e in events if isinstance(e, PeerSeen) and e.instance != b.instance and e.tag_ok]
 
