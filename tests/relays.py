@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agents import free_port, terminate, wait_until
 
 PYTHON = sys.executable
@@ -84,3 +86,18 @@ class RelayProcess:
                 self.kill()
         print(f"----- relay {self.address} ({self.log_path}) -----")
         print(self.log()[-20000:])
+
+
+@pytest.fixture
+def relays(tmp_path):
+    """relays(dsn, tokens) -> a started RelayProcess; all stopped (by PID) afterwards."""
+    started = []
+
+    def _start(dsn: str, tokens: list[str], port: int | None = None) -> RelayProcess:
+        r = RelayProcess(dsn, tmp_path / f"relay{len(started)}.log", tokens, port=port).start()
+        started.append(r)
+        return r
+
+    yield _start
+    for r in started:
+        r.close()

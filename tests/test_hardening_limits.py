@@ -28,7 +28,8 @@ import wire
 from agents import Lab, wait_until
 from groups import make_group
 from peers import Identity, exchange_members
-from relays import RelayProcess
+from relays import RelayProcess, relays  # noqa: F401  (relays: the fixture)
+from test_relay import lab  # noqa: F401  (the fixture)
 from p2psync.identity import day_number
 from p2psync.net.noise_stream import HandshakeFailed, NoiseStream
 from p2psync.noise import agent_handshake
@@ -290,28 +291,6 @@ def test_a_source_over_the_handshake_rate_is_refused_then_let_in_again(agents):
 
 
 # ---- the relay -------------------------------------------------------------------------------
-
-@pytest.fixture
-def lab(tmp_path):
-    lab = Lab(tmp_path / "lab")
-    yield lab
-    lab.close()
-
-
-@pytest.fixture
-def relays(tmp_path):
-    """relays(dsn, tokens) -> a started RelayProcess; all stopped (by PID) afterwards."""
-    started = []
-
-    def _start(dsn: str, tokens: list[str]) -> RelayProcess:
-        r = RelayProcess(dsn, tmp_path / f"relay{len(started)}.log", tokens).start()
-        started.append(r)
-        return r
-
-    yield _start
-    for r in started:
-        r.close()
-
 
 def token_of(dev) -> str:
     return dev.cli("relay-token").stdout.strip()

@@ -10,22 +10,15 @@ from __future__ import annotations
 import shutil
 import time
 
-import pytest
 import trio
 
-from agents import Lab, wait_until
+from agents import wait_until
 from groups import device_members
 from peers import Identity, open_session
-from test_relay import relay_peer, relays, token_of, wait_relay_connected  # noqa: F401  (relays: fixture)
+from relays import relays  # noqa: F401  (the fixture)
+from test_relay import lab, relay_peer, token_of, wait_relay_connected  # noqa: F401  (lab: the fixture)
 
 REMOVAL_WITHIN = 1.0
-
-
-@pytest.fixture
-def lab(tmp_path):
-    lab = Lab(tmp_path / "lab")
-    yield lab
-    lab.close()
 
 
 def connected_sites(dev) -> set[str]:

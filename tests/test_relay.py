@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from agents import Lab, wait_until
-from relays import RelayProcess
+from relays import RelayProcess, relays  # noqa: F401  (relays: the fixture)
 from wire import events_in, until_closed
 from groups import device_members
 from peers import Identity, open_session
@@ -29,21 +29,6 @@ def lab(tmp_path):
     lab = Lab(tmp_path / "lab")
     yield lab
     lab.close()
-
-
-@pytest.fixture
-def relays(tmp_path):
-    """relays(dsn, tokens) -> a started RelayProcess; all stopped (by PID) afterwards."""
-    started = []
-
-    def _start(dsn: str, tokens: list[str], port: int | None = None) -> RelayProcess:
-        r = RelayProcess(dsn, tmp_path / f"relay{len(started)}.log", tokens, port=port).start()
-        started.append(r)
-        return r
-
-    yield _start
-    for r in started:
-        r.close()
 
 
 def token_of(dev) -> str:
