@@ -32,7 +32,7 @@ class _Host:
         return self.members.admit(conn.remote_static)
 
     async def on_members(self, conn, events):
-        self.members.load(list(events))
+        self.members.take(events)
 
 
 async def _pairs(n: int, membership: bool) -> list[float]:

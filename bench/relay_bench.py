@@ -132,7 +132,7 @@ def _relay_side_ingest(dsn: str) -> float:
             return batch
 
         async def on_members(self, conn, events):
-            members.load(list(events))
+            members.take(events)
 
         def on_hello(self, conn, hello):
             pass

@@ -52,8 +52,8 @@ class Ctx:
     def screen(self, conn, batch):
         return batch
 
-    async def on_members(self, conn, events):
-        self.members.load(list(events))
+    async def on_members(self, conn, decoded):
+        self.members.take(decoded)
 
     @staticmethod
     def wall_ms():

@@ -26,7 +26,7 @@ import trio.testing
 
 import wire
 from agents import Lab, wait_until
-from groups import make_group
+from groups import device_members, make_group
 from peers import Identity, exchange_members, open_session
 from p2psync.model import Batch, Change, Range, VersionVector
 from p2psync.net.bus import ChangeBus
@@ -567,3 +567,78 @@ def test_frozen_agent_is_dropped_within_the_idle_timeout(lab):
     finally:
         os.kill(f.pid, signal.SIGCONT)
     lab.wait_converged(a, f, timeout=60)
+
+
+# ---- hostile membership events (after admission) ------------------------------
+
+def members_attack(lab, events: list[bytes]) -> tuple[list[str], bool, str]:
+    """M, admitted, sends ``events`` in one Members message (and no Hello, so that A sends it no batches
+    that could race the Error): the Error codes A sends, whether A closed the session, what A logged."""
+    a, _, m, _ = lab.all
+    attacker = Identity.of(m.home)
+    since = lab.log_offsets()
+
+    async def main():
+        ns, extra = await open_session(attacker, "127.0.0.1", a.port)
+        try:
+            await ns.send_all(encode_event(Members(attacker.heads, tuple(events))))
+            data = extra + await wire.until_closed(ns, 10, until=None)
+            return data, True
+        except trio.TooSlowError:
+            return b"", False
+        finally:
+            await ns.aclose()
+
+    data, closed = trio.run(main)
+    codes = [e.code for e in wire.events_in(data) if type(e) is Error]
+    return codes, closed, new_log(a, since)
+
+
+def signed_by(home, kind: str, parents, body: dict) -> bytes:
+    from p2psync.identity import load_device
+    from p2psync.model.membership import encode_event as encode_member, make_event
+    d = load_device(home)
+    return encode_member(make_event(kind, d.group_id, d.site_id, d.sign_private, parents, int(time.time() * 1000),
+                                    body))
+
+
+def test_members_message_of_garbage_is_refused_in_one_line_and_the_session_closed(lab):
+    """10,000 garbage events (16 MiB) once took a second on A's event loop and a log line each, and left
+    the session open; now: decoded off the loop, one Error, one log line, session closed."""
+    import msgpack
+    garbage = [msgpack.packb([os.urandom(1500), os.urandom(64)], use_bin_type=True) for _ in range(5_000)]
+    codes, closed, log = members_attack(lab, garbage)
+    assert codes == ["bad-members"] and closed, codes
+    assert "5000 of 5000 membership events sent were malformed" in log
+    assert log.count("malformed") <= 3, log[-2000:]
+    lab.check_alive()
+
+
+def test_forged_membership_event_is_dropped_and_the_session_closed(lab):
+    """A removal of F in A's name but signed by M: not kept, not passed on, and M's session ends."""
+    a, f, m, _ = lab.all
+    from p2psync.model.membership import decode_event, encode_event as encode_member, make_event
+    from p2psync.identity import load_device
+    attacker, dm, da = Identity.of(m.home), load_device(m.home), load_device(a.home)
+    forged = encode_member(make_event("remove", dm.group_id, da.site_id, dm.sign_private, list(attacker.heads),
+                                      int(time.time() * 1000), {"site": load_device(f.home).site_id, "last": 0}))
+    codes, closed, log = members_attack(lab, [forged])
+    assert codes == ["forged-members"] and closed, codes
+    assert decode_event(forged).hash not in {ev.hash for ev in device_members(a.home).log.events()}
+    assert device_members(a.home).state.member(load_device(f.home).site_id).state == "current"
+    lab.wait_settled(a, f)   # F is still a member: A still syncs with it
+    lab.check_alive()
+
+
+def test_member_signing_admin_acts_without_the_right_is_cut_off_past_a_budget(lab):
+    """M is no admin: each event it signs for an admin act is ignored (kept, counted); past
+    MAX_OWN_IGNORED_EVENTS in a session the session closes."""
+    from p2psync.net.connection import MAX_OWN_IGNORED_EVENTS
+    a, _, m, _ = lab.all
+    attacker = Identity.of(m.home)
+    events = [signed_by(m.home, "invite", list(attacker.heads),
+                        {"id": os.urandom(16), "expires": 1 << 50, "role": "member", "psk": b""})
+              for _ in range(MAX_OWN_IGNORED_EVENTS + 1)]
+    codes, closed, _ = members_attack(lab, events)
+    assert codes == ["members-ignored"] and closed, codes
+    lab.check_alive()

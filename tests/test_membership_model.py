@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from p2psync.model.membership import (
     MAX_BOX_BYTES, MAX_BOXES, MAX_EVENT_BYTES, MAX_NAME_BOX, MAX_PARENTS, ROLE_ADMIN, ROLE_MEMBER,
-    Event, MembershipError, MembershipLog, _Pass, decode_event, encode_event, event_hash, make_event, public_keys,
+    Event, MembershipError, MembershipLog, _Pass, check_signatures, decode_event, encode_event, event_hash, make_event, public_keys,
     verify_signature,
 )
 
@@ -371,8 +371,8 @@ def test_found_with_a_bad_self_signature_counts_for_nothing():
     f = found(key=B.key)
     a = add(A, B, f)
     s = resolve(f, a)
-    assert not s.members and s.frontier == () and set(s.ignored) == {f.hash, a.hash}
-    assert "signature" in s.ignored[f.hash]
+    assert not s.members and s.frontier == () and set(s.ignored) == {f.hash}
+    assert "signature" in s.ignored[f.hash]   # the add: its signer is no member, so it is rejected (not kept)
 
 
 def test_add_makes_a_current_member_with_the_bodys_role():
@@ -407,21 +407,58 @@ def test_event_signed_by_removed_device_is_ignored_and_counted():
     assert s.heads == (b.hash,)
 
 
-def test_event_with_bad_signature_is_ignored_and_counted():
+def test_event_with_bad_signature_is_rejected_not_kept():
+    """Anyone can make forgeries (a relay database's thief too): they are not kept, passed on or built on."""
     f = found()
     a = add(A, B, f, role=ROLE_ADMIN)
     forged = add(B, C, a, key=D.key)  # claims to be B, signed by someone else
-    s = resolve(f, a, forged)
-    assert s.member(C.site) is None
-    assert s.ignored[forged.hash] == "bad signature"
-    assert s.heads == (forged.hash,)
+    child = add(A, D, forged)
+    log = MembershipLog(f.hash)
+    assert log.add([f, a, forged, child]) == [f, a]
+    s = log.state()
+    assert s.member(C.site) is None and forged.hash not in log and child.hash not in log
+    assert forged.hash not in s.ignored and log.rejected == 2
+    assert s.heads == (a.hash,)
 
 
-def test_event_signed_by_a_stranger_is_ignored():
+def test_event_of_a_removed_device_with_a_bad_signature_is_rejected():
+    """The signature is checked before the signer's rights: a forgery in a removed device's name is not kept."""
+    f = found()
+    a = add(A, B, f, role=ROLE_ADMIN)
+    r = remove(A, B, a)
+    forged = add(B, C, r, key=D.key)
+    log = MembershipLog(f.hash)
+    assert log.add([f, a, r, forged]) == [f, a, r] and log.rejected == 1
+
+
+def test_event_signed_by_a_stranger_is_rejected():
     f = found()
     x = add(D, C, f)
-    s = resolve(f, x)
-    assert s.member(C.site) is None and "not a member" in s.ignored[x.hash]
+    log = MembershipLog(f.hash)
+    assert log.add([f, x]) == [f]
+    assert log.state().member(C.site) is None and x.hash not in log.state().ignored and log.rejected == 1
+
+
+def test_signatures_checked_ahead_are_used_and_the_log_still_picks_the_key():
+    f = found()
+    a = add(A, B, f, role=ROLE_ADMIN)
+    b = add(B, C, a)
+    ahead = check_signatures([f, a, b], {})
+    assert ahead == {(f.hash, A.pub): True, (a.hash, A.pub): True, (b.hash, B.pub): True}
+    lie = {k: False for k in ahead}   # a wrong answer ahead is believed: the caller's checks must be honest
+    assert MembershipLog(f.hash).add([f, a, b], dict(ahead)) == [f, a, b]
+    assert MembershipLog(f.hash).add([f, a, b], lie) == [f]   # the found event is ignored, the rest rejected
+
+
+def test_pending_events_are_bounded(monkeypatch):
+    import p2psync.model.membership as model
+    f = found()
+    log = MembershipLog(f.hash)
+    log.add([f])
+    orphans = [add(A, B, b"p" * 32, wall_ms=i) for i in range(3)]   # a parent nobody has
+    monkeypatch.setattr(model, "MAX_PENDING", 2)
+    assert log.add(orphans) == []
+    assert len(log.state().pending) == 2 and log.dropped_pending == 1
 
 
 def test_backdated_event_does_not_count():

@@ -97,8 +97,8 @@ class GroupService:
 
     # -- events in --------------------------------------------------------------------------
 
-    async def on_members(self, conn, encoded: tuple[bytes, ...]) -> None:
-        new = self.members.load(list(encoded))
+    async def on_members(self, conn, decoded) -> None:
+        new = self.members.take(decoded)
         if new:
             await self.spread(new, conn)
 

@@ -63,6 +63,8 @@ MAX_BOXES = 1000
 MAX_BOX_BYTES = 4096
 MAX_NAME_BOX = 512
 MAX_PSK_BOX = 256
+MAX_PENDING = 10_000      # events held while their parents are unknown; past it new ones are dropped (resent later)
+MAX_DEAD = 100_000        # rejected hashes remembered (so their descendants are rejected without work)
 VERSION = 1
 U63 = 1 << 63
 
@@ -308,6 +310,22 @@ def verify_signature(ev: Event, sign_pub: bytes) -> bool:
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+def check_signatures(events: Iterable[Event], keys: dict[bytes, bytes]) -> dict[tuple[bytes, bytes], bool]:
+    """Signature checks done ahead for ``MembershipLog.add`` (e.g. in a worker thread, the costly part).
+
+    Each event is checked against the key ``keys`` (site -> signing key) has for its signer, or
+    failing that the key an add, successor or found event among ``events`` gives it; the log
+    still decides which key counts, from the event's causal past, and checks any other itself.
+    """
+    keys = dict(keys)
+    for ev in events:
+        if ev.kind in ("add", "successor"):
+            keys.setdefault(ev.body["site"], ev.body["sign"])
+        elif ev.kind == "found":
+            keys.setdefault(ev.signer, ev.body["sign"])
+    return {(ev.hash, keys[ev.signer]): verify_signature(ev, keys[ev.signer]) for ev in events if ev.signer in keys}
 
 
 def public_keys(sign_private: bytes) -> bytes:
@@ -623,6 +641,16 @@ def _bits(x: int) -> list[int]:
     return out
 
 
+class _Forged(str):
+    """A reason an event cannot be attributed to its signer (a bad signature, a signer unknown in its past).
+
+    Such an event is *rejected* -- not kept, not passed on, its descendants
+    rejected too -- where an event its signer did sign but had no right to
+    is *ignored* (kept, without effect): anyone can make the former in any
+    number (a relay database's thief too), only members the latter.
+    """
+
+
 class MembershipLog:
     """All events of one group, validated as they come (an event's validity depends only on its causal past)."""
 
@@ -644,6 +672,8 @@ class MembershipLog:
         self._waiting: dict[bytes, list[bytes]] = {}  # unknown parent -> pending children
         self._dead: set[bytes] = set()  # rejected hashes, so their descendants are rejected too
         self._pubs: dict[bytes, Ed25519PublicKey] = {}
+        self._verified: dict[tuple[bytes, bytes], bool] = {}  # (hash, key) -> checked ahead (off the event loop)
+        self.dropped_pending = 0
         self._state: Membership | None = None
         self._sorted: list[Event] | None = None
 
@@ -671,8 +701,19 @@ class MembershipLog:
             self._sorted = [self._events[h] for h in sorted(self._events, key=self._key.__getitem__)]
         return list(self._sorted)
 
-    def add(self, events: Iterable[Event]) -> list[Event]:
-        """Take in events; return those new to the log (accepted now), parents before children."""
+    def add(self, events: Iterable[Event], verified: dict[tuple[bytes, bytes], bool] | None = None) -> list[Event]:
+        """Take in events; return those new to the log (accepted now), parents before children.
+
+        ``verified`` may hold signature checks done ahead, (event hash, signing key) -> valid,
+        e.g. in a worker thread (``presign_check``); a check it lacks is done here.
+        """
+        self._verified = verified or {}
+        try:
+            return self._add(events)
+        finally:
+            self._verified = {}
+
+    def _add(self, events: Iterable[Event]) -> list[Event]:
         accepted: list[Event] = []
         for ev in events:
             h = ev.hash
@@ -687,6 +728,9 @@ class MembershipLog:
                 self._reject(h)
                 continue
             if missing:
+                if len(self._pending) >= MAX_PENDING:
+                    self.dropped_pending += 1   # a peer sends it again, with its parents, on a later exchange
+                    continue
                 self._pending[h] = ev
                 self._missing[h] = len(missing)
                 for p in missing:
@@ -702,6 +746,8 @@ class MembershipLog:
     def _reject(self, h: bytes) -> None:
         """Reject ``h`` and every pending event waiting on it."""
         stack = [h]
+        if len(self._dead) >= MAX_DEAD:
+            self._dead.clear()   # only a shortcut: a descendant of a forgotten one fails its own checks
         while stack:
             h = stack.pop()
             self.rejected += 1
@@ -722,7 +768,8 @@ class MembershipLog:
             if ev.group != self.group:
                 self._reject(ev.hash)
                 continue
-            self._accept(ev)
+            if not self._accept(ev):
+                continue
             accepted.append(ev)
             for child in self._waiting.pop(ev.hash, ()):
                 if child not in self._missing:  # rejected meanwhile, through another parent
@@ -732,7 +779,8 @@ class MembershipLog:
                     del self._missing[child]
                     queue.append(self._pending.pop(child))
 
-    def _accept(self, ev: Event) -> None:
+    def _accept(self, ev: Event) -> bool:
+        """Add ``ev`` to the log (valid or ignored); False if it was rejected instead (a forgery)."""
         h = ev.hash
         anc = 0
         depth = 0
@@ -746,6 +794,12 @@ class MembershipLog:
         self._anc[h] = anc
         base = self._past_state(ev)
         reason = self._check(ev, base)
+        if isinstance(reason, _Forged):
+            self._order.pop()
+            for table in (self._index, self._events, self._key, self._anc):
+                del table[h]
+            self._reject(h)
+            return False
         if reason is None:
             self._valid[h] = True
             snap = base.copy()
@@ -757,6 +811,7 @@ class MembershipLog:
             self._snap[h] = base  # an ignored event changes nothing
         self._heads.difference_update(ev.parents)
         self._heads.add(h)
+        return True
 
     def _past_state(self, ev: Event) -> _Pass:
         """The pass state (before fix-ups) of the strict ancestors of ``ev``; not to be mutated."""
@@ -778,6 +833,9 @@ class MembershipLog:
         return state
 
     def _verify(self, ev: Event, sign_pub: bytes) -> bool:
+        ahead = self._verified.get((ev.hash, sign_pub))
+        if ahead is not None:
+            return ahead
         pub = self._pubs.get(sign_pub)
         if pub is None:
             try:
@@ -798,12 +856,12 @@ class MembershipLog:
         members, _ = _settle(base)
         signer = members.get(ev.signer)
         if signer is None:
-            return f"signer {_h(ev.signer)} is not a member in the event's causal past"
+            return _Forged(f"signer {_h(ev.signer)} is not a member in the event's causal past")
+        if not self._verify(ev, signer.sign_pub):
+            return _Forged("bad signature")
         if signer.state != CURRENT:
             how = "removed" if signer.state == REMOVED else "succeeded by a new site id"
             return f"signer {_h(ev.signer)} had been {how} in the event's causal past"
-        if not self._verify(ev, signer.sign_pub):
-            return "bad signature"
         if ev.kind != "successor" and signer.role != ROLE_ADMIN:
             return f"signer {_h(ev.signer)} is not an admin in the event's causal past"
         kind = ev.kind

@@ -49,6 +49,8 @@ import trio
 from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Members, Ping,
                         ProtocolError, RemoteProtocolError, Session)
 from ..protocol.limits import CHANGE_COST, MAX_PROCESS_BYTES, MAX_STAGED_BYTES, MAX_UNACKED_BYTES
+from ..group.members import decode_members
+from . import heap
 from ..protocol.session import DECODE
 from ..store import StoreError
 from ..sync.peer import OverBudget, PeerSync
@@ -57,6 +59,8 @@ log = logging.getLogger("p2psync.net")
 
 RECEIVE_SIZE = 256 * 1024
 APPLY_QUEUE = 1  # complete batches decoded ahead of the one being applied
+MEMBERS_OFF_LOOP = 8               # membership events in one message from which they are decoded in a thread
+MAX_OWN_IGNORED_EVENTS = 100       # events a peer itself signed without the right to, per session
 UNKNOWN_PEER_LOG_BYTES = 1 << 20   # membership log a key not (yet) in our log may send: its admission chain
 SEND_CHUNK = 64 * 1024  # writes progress chunk by chunk; one chunk per idle timeout is the slowest reader kept
 DECODE_THREADS = 4      # large frames decoded at once in worker threads, over all sessions of the process
@@ -136,6 +140,7 @@ def _decoders() -> trio.CapacityLimiter:
         return _decode_limiter.get()
     except LookupError:
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+        heap.limit_arenas()
         limiter = trio.CapacityLimiter(DECODE_THREADS)
         _decode_limiter.set(limiter)
         return limiter
@@ -158,6 +163,8 @@ class Connection:
         self.stream, self.ctx, self.label, self.settings = stream, ctx, label, settings
         self.remote_static = remote_static if remote_static is not None else getattr(stream, "remote_static", None)
         self.member = None          # the peer's membership record, once admitted
+        self._large_frames = 0      # frames decoded in a worker thread (see heap.trim_soon)
+        self._own_ignored = 0       # membership events the peer signed without the right to, this session
         self.session = Session(ctx.site_id, heartbeat_interval=settings.heartbeat_interval,
                                idle_timeout=settings.idle_timeout, hello_timeout=settings.hello_timeout,
                                window=settings.window, offload=True)
@@ -254,6 +261,9 @@ class Connection:
                 self.peer.drop_staged()
             self._unacked = 0
             self._held = self.budget.resize(self._held, 0)
+            if self._large_frames:   # what they made us allocate is free now: give it back to the system
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await heap.trim_soon()
 
     async def _run(self) -> None:
         ctx = self.ctx
@@ -345,7 +355,7 @@ class Connection:
                 raise NotAMember(f"refused {self.label}: an unknown key sent more than {UNKNOWN_PEER_LOG_BYTES} "
                                  f"bytes of membership log")
             if full.events:
-                await self.ctx.on_members(self, full.events)
+                await self._take_members(full.events)
         why = self._refusal()
         if why is not None:
             await self.refuse(why)
@@ -362,6 +372,7 @@ class Connection:
                 self.last_seen = self._now()
                 self._account()
             elif ev is DECODE:
+                self._large_frames += 1
                 await trio.to_thread.run_sync(session.decode_pending, limiter=_decoders())
             else:
                 return ev
@@ -379,6 +390,36 @@ class Connection:
                     raise NotAMember(f"peer refused us: {ev.message}")
                 raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
             raise PeerClosed(f"peer sent {type(ev).__name__} before the membership exchange ended")
+
+    async def _take_members(self, encoded: tuple[bytes, ...]) -> None:
+        """Decode (off the event loop when there are many) and take in the peer's membership events.
+
+        An honest peer passes on only events its log accepted, which every log accepts: so a
+        malformed or forged event (bad signature, a signer that is no member) ends the session,
+        and so do more than MAX_OWN_IGNORED_EVENTS events the peer itself signed without the
+        right to. Valid events of the same message are kept (each stands on its own signature).
+        """
+        members = self.ctx.members
+        keys = members.signing_keys()
+        if len(encoded) > MEMBERS_OFF_LOOP:
+            decoded = await trio.to_thread.run_sync(decode_members, list(encoded), keys, limiter=_decoders())
+        else:
+            decoded = decode_members(list(encoded), keys)
+        if decoded.malformed:
+            raise RemoteProtocolError(
+                "bad-members", f"{decoded.malformed} of {len(encoded)} membership events sent were malformed "
+                               f"(the first: {decoded.first_error})")
+        await self.ctx.on_members(self, decoded)
+        if decoded.rejected:
+            raise RemoteProtocolError(
+                "forged-members", f"{decoded.rejected} of {len(encoded)} membership events sent were forged "
+                                  f"(a bad signature, or signed by a device that is no member) and were dropped")
+        own = self.member.site if self.member is not None else None
+        self._own_ignored += (decoded.ignored_by or {}).get(own, 0)
+        if self._own_ignored > MAX_OWN_IGNORED_EVENTS:
+            raise RemoteProtocolError(
+                "members-ignored", f"sent more than {MAX_OWN_IGNORED_EVENTS} membership events it signed without "
+                                   f"the right to (e.g. admin acts by a non-admin)")
 
     async def push_members(self, encoded: tuple[bytes, ...]) -> None:
         """Pass new membership events on to this peer (best effort: a broken connection ends anyway)."""
@@ -466,7 +507,7 @@ class Connection:
                     self._queue_control(self.session.send(ev.response(), self._now()))
                 elif t is Members:
                     if ev.events:
-                        await self.ctx.on_members(self, ev.events)
+                        await self._take_members(ev.events)
                 elif t is Hello:
                     self.peer_site = ev.site_id
                     self.peer_vv = ev.vv

@@ -34,8 +34,9 @@ class SessionHost(Protocol):
 
     def on_applied(self, conn, batch, result) -> None: ...
 
-    async def on_members(self, conn, events: tuple[bytes, ...]) -> None:
-        """Events received from ``conn``'s peer: merge, persist, pass on, re-check sessions."""
+    async def on_members(self, conn, decoded) -> None:
+        """Events received from ``conn``'s peer, decoded (``group.members.DecodedMembers``): take them in
+        with ``members.take`` before any await, then persist, pass on, re-check sessions."""
 
     def screen(self, conn, batch: Batch) -> Batch:
         """``batch`` without what the membership refuses (removed devices past their cap, unknown sites)."""

@@ -121,8 +121,8 @@ class SessionContext:
                         self.group.id, refused, conn.label)
         return out
 
-    async def on_members(self, conn: Connection, events) -> None:
-        new = self.members.load(list(events))
+    async def on_members(self, conn: Connection, decoded) -> None:
+        new = self.members.take(decoded)
         if new:
             await trio.to_thread.run_sync(self.store.add_member_events, self.members.pairs(new))
             await self.relay.spread(self.group, new, conn)
