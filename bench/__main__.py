@@ -26,6 +26,8 @@ from . import relay_bench  # noqa: E402
 SUITES["relay"] = relay_bench.run
 from . import membership_bench  # noqa: E402
 SUITES["membership"] = membership_bench.run
+from . import attest_bench  # noqa: E402
+SUITES["attest"] = attest_bench.run
 from . import soak_bench  # noqa: E402
 SUITES["soak"] = soak_bench.run
 SUITES["slow"] = slow_tests

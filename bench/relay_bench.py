@@ -63,6 +63,22 @@ def _raw_copy_rate(dsn: str) -> float:
 BATCH = 20_000
 
 
+def signer_of(device_keys, members):
+    """The Signer of a device of a test group (tests/groups.make_group)."""
+    from p2psync.model.attest import Signer, cell_key
+    key = cell_key(members.state.group, members.keys.secrets[members.found])
+    return Signer(members.state.group, device_keys.site_id, device_keys.sign_private, key)
+
+
+def proofs_of(signer, changes) -> tuple:
+    """One proof per version of ``changes`` (whole versions: no leaves), as a device sends them."""
+    by: dict[int, list] = {}
+    for c in changes:
+        by.setdefault(c.dbv, []).append(c)
+    return tuple(signer.sign(d, max(c.hlc for c in cs), [x for c in cs for x in signer.leaves(c)]).without_leaves()
+                 for d, cs in sorted(by.items()))
+
+
 def _relay_side_ingest(dsn: str) -> float:
     """Seconds for a relay to store ROWS pre-sealed changes pushed by one device session.
 
@@ -93,12 +109,13 @@ def _relay_side_ingest(dsn: str) -> float:
     admission = (members.state.group + members.found + token).hex()
     ref = day_ref(token, day_number(time.time()))
     sealer = Sealer(lambda: ring.current, ring.by_key_id.get)
+    signer = signer_of(keys[0], members)
     parts = []
     for k in range(0, ROWS, BATCH):
         changes = [Change("t", (i,), site, i // TX_ROWS + 1, (1 << 40) + i, True, ("name", "qty"),
                           (f"item {i}", i % 1000)) for i in range(k, k + BATCH)]
-        parts.append((Batch(tuple(sealer.seal_changes(changes)), (Range(site, k // TX_ROWS, (k + BATCH) // TX_ROWS),)),
-                      False))
+        parts.append((Batch(tuple(sealer.seal_changes(changes)), (Range(site, k // TX_ROWS, (k + BATCH) // TX_ROWS),),
+                            proofs_of(signer, changes)), False))
     port = free_port()
     relay = subprocess.Popen([PY, "-m", "p2psync", "relay", "--dsn", dsn, "--listen", f"127.0.0.1:{port}",
                               "--allow-group", admission, "--log-level", "warning"])

@@ -601,8 +601,8 @@ def _flood_frames(ctx: _Ctx) -> dict[str, bytes]:
     entry = b"\xdc\x00\x50" + b"\x91\xc0" * 80
     n = 100_000
     pks = b"\xdd" + n.to_bytes(4, "big") + entry * n
-    body = (b"\x98\x02\x01\xc2" + b"\x91\xc4\x10" + os.urandom(16) + b"\x91\xa1t" + b"\x91\x90"
-            + b"\x98\x90" + pks + b"\x90" * 6 + b"\x90")
+    body = (b"\x99\x02\x01\xc2" + b"\x91\xc4\x10" + os.urandom(16) + b"\x91\xa1t" + b"\x91\x90"
+            + b"\x98\x90" + pks + b"\x90" * 6 + b"\x90" + b"\x90")
     assert len(body) <= MAX_FRAME, len(body)
     ctx.frames["one-element arrays"] = len(body).to_bytes(4, "big") + body
     # 2. Members with 10,000 forged events of 1.6 KB (valid [raw, signature] wrappers of garbage).
@@ -616,7 +616,7 @@ def _flood_frames(ctx: _Ctx) -> dict[str, bytes]:
         BatchEvent(1, Batch(changes, (Range(stranger, 0, 100_000),)), False))
     # 4. Parts of a group that never ends (more=True), 4 MiB each: sent 60 times (the staging budget).
     part = encode_event(BatchEvent(1, Batch(changes[:25_000], ()), True))
-    assert part[4:7] == b"\x98\x02\x01"       # [BATCH, seq=1, ...]: seq is the 7th byte, patched per part
+    assert part[4:7] == b"\x99\x02\x01"       # [BATCH, seq=1, ...]: seq is the 7th byte, patched per part
     ctx.frames["never-ending group of 4 MiB parts"] = part
     return ctx.frames
 

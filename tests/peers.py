@@ -45,6 +45,24 @@ class Identity:
                    m.heads, tuple(m.encoded()))
 
 
+def signer_of(home):
+    """The Signer a device's agent signs its versions with (its key, its group's cell key)."""
+    from p2psync.group.attestation import Attestation
+    att = Attestation(device_members(home), load_device(home).sign_private)
+    assert att.refresh(), "the device holds no founding secret"
+    return att.signer
+
+
+def signed(home, changes, ranges=(), dbv: int | None = None):
+    """A Batch of ``changes`` (all of one version of the device in ``home``) with that device's
+    signature over them, as its agent would send it; ``ranges`` as given."""
+    from p2psync.model import Batch
+    signer = signer_of(home)
+    d = dbv if dbv is not None else changes[0].dbv
+    proof = signer.sign(d, max(c.hlc for c in changes), [x for c in changes for x in signer.leaves(c)])
+    return Batch(tuple(changes), tuple(ranges), (proof.without_leaves(),))
+
+
 async def open_session(who: Identity, host: str, port: int, *, relay: bool = False, exchange: bool = True,
                        psk: bytes | None = None, timeout: float = 15) -> tuple[NoiseStream, bytes]:
     """A handshaken session as ``who`` (and its membership exchange); also the bytes read past it."""
@@ -94,4 +112,4 @@ async def _next_members(ns, dec: FrameDecoder) -> Members:
             raise EOFError(f"refused: {ev.code}: {ev.message}")
 
 
-__all__ = ["Identity", "open_session", "exchange_members", "encode_member_event"]
+__all__ = ["Identity", "open_session", "exchange_members", "encode_member_event", "signer_of", "signed"]

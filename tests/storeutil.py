@@ -156,8 +156,44 @@ def transfer(src: SqliteStore, dst: SqliteStore, now_ms: int, max_changes: int =
 
 
 def join(parts: list[Batch]) -> Batch:
-    """The parts of one group as one batch: all their changes, the last part's ranges."""
-    return Batch(tuple(c for p in parts for c in p.changes), parts[-1].ranges)
+    """The parts of one group as one batch: all their changes and proofs, the last part's ranges."""
+    return Batch(tuple(c for p in parts for c in p.changes), parts[-1].ranges,
+                 tuple(pr for p in parts for pr in p.proofs))
+
+
+class SigningGroup:
+    """Signing keys for any site id (derived from it), so stores sign and check versions as agents do.
+
+    ``arm(store)`` gives the store a Signer and an attestor whose verifier knows every site's key.
+    """
+
+    GROUP = b"G" * 16
+
+    def __init__(self) -> None:
+        from p2psync.model.attest import cell_key, leaf_hasher
+        self.key = cell_key(self.GROUP, b"founding secret for the tests!!!")
+        self.hasher = leaf_hasher(self.key)
+        self.keys = _DerivedKeys()
+
+    def arm(self, store: SqliteStore) -> SqliteStore:
+        from p2psync.model.attest import Signer, Verifier
+        store.signer = Signer(self.GROUP, store.site_id, _private_of(store.site_id), self.key)
+        verifier = Verifier(self.GROUP, self.keys)
+        store.attestor = lambda: (verifier, self.hasher)
+        return store
+
+
+def _private_of(site: bytes) -> bytes:
+    import hashlib
+    return hashlib.sha256(b"test signing key" + site).digest()
+
+
+class _DerivedKeys(dict):
+    def get(self, site, default=None):
+        if site not in self:
+            from p2psync.model.membership import public_keys
+            self[site] = public_keys(_private_of(site))
+        return dict.get(self, site, default)
 
 
 def groups(src: SqliteStore, vv: VersionVector, max_changes: int = 1000, max_bytes: int = 1 << 20) -> list[Batch]:

@@ -42,6 +42,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from groups import make_group
+from p2psync.model.attest import Proof
 from p2psync.config import ConfigError, config_from_dict, parse_hostport
 from p2psync.group import GroupMembers
 from p2psync.identity import EpochKeys, InviteCode, InviteError, encode_invite, parse_invite
@@ -204,7 +205,15 @@ def batches(draw, with_ranges: bool = True) -> Batch:
     if with_ranges:
         ranges = tuple(Range(s, lo, lo + d) for s, lo, d in draw(st.lists(
             st.tuples(sites, st.integers(0, 1 << 40), st.integers(1, 1 << 20)), max_size=3)))
-    return Batch(tuple(draw(st.lists(changes(), max_size=5))), ranges)
+    return Batch(tuple(draw(st.lists(changes(), max_size=5))), ranges, tuple(draw(st.lists(proofs(), max_size=3))))
+
+
+@st.composite
+def proofs(draw) -> Proof:
+    count = draw(st.integers(0, 4))
+    leaves = draw(st.sampled_from([b"", b"".join(draw(st.binary(min_size=32, max_size=32)) for _ in range(count))]))
+    return Proof(draw(sites), draw(st.integers(1, (1 << 63) - 1)), draw(u63), count, draw(st.binary(min_size=32,
+                 max_size=32)), draw(st.binary(min_size=64, max_size=64)), leaves)
 
 
 @st.composite

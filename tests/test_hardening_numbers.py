@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from agents import Lab, free_port, lab, wait_until  # noqa: F401  (lab is a fixture)
-from peers import Identity, open_session
+from peers import Identity, signed, open_session
 from p2psync.model import Batch, Change, Hlc, Range, VersionVector
 from p2psync.model.hlc import MAX_DB_VERSION, MAX_HLC, ClockLimitError, pack
 from p2psync.protocol import PROTOCOL_VERSION, Ack, BatchEvent, Error, FrameDecoder, Hello, encode_event
@@ -132,8 +132,8 @@ def test_release_refuses_a_change_that_would_exhaust_the_clock_and_the_agent_syn
     lab.start(b, peers=[a])
     lab.wait_connected(a, b)
     member = Identity.of(m.home)       # a member whose agent never runs: the one that misbehaves
-    far = Batch((Change("items", (1000,), member.site, 1, INT64_MAX, True, ("name",), ("end of time",)),),
-                (Range(member.site, 0, 1),))
+    far = signed(m.home, [Change("items", (1000,), member.site, 1, INT64_MAX, True, ("name",), ("end of time",))],
+                 [Range(member.site, 0, 1)])       # signed: M's own change, only its clock is absurd
     trio.run(send_as_member, member, a.port, far)
     wait_until(lambda: a.status()["held"]["count"] == 1, what="A to hold the change stamped at 2^63 - 1")
 

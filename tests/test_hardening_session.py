@@ -330,7 +330,7 @@ def nested_arrays(body_bytes: int) -> bytes:
     n_inner = 100_000
     inner = b"\xdd" + n_inner.to_bytes(4, "big") + b"\x91\x00" * n_inner
     k = max(1, body_bytes // len(inner))
-    return b"\x98\x02\x01\xc2" + b"\xdd" + k.to_bytes(4, "big") + inner * k + b"\x90" * 4
+    return b"\x99\x02\x01\xc2" + b"\xdd" + k.to_bytes(4, "big") + inner * k + b"\x90" * 5
 
 
 def test_a_frame_of_tiny_arrays_is_refused_at_the_objects_budget():
@@ -341,7 +341,7 @@ def test_a_frame_of_tiny_arrays_is_refused_at_the_objects_budget():
 
 
 def test_a_large_frame_of_empty_maps_stops_at_the_first_map():
-    body = b"\x98\x02\x01\xc2\xdd" + (100_000).to_bytes(4, "big") + b"\x80" * 100_000 + b"\x90" * 4
+    body = b"\x99\x02\x01\xc2\xdd" + (100_000).to_bytes(4, "big") + b"\x80" * 100_000 + b"\x90" * 5
     with pytest.raises(LocalProtocolError) as e:
         decode_body(body)
     assert e.value.code == "bad-frame" and "map outside a Hello" in e.value.message

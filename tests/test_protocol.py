@@ -471,7 +471,11 @@ BAD_FIELDS = [
     ("batch", [6, 8], []), ("batch", [7, 0], [0, 5, 5]), ("batch", [7, 0], [0, 5, 4]), ("batch", [7, 0], [3, 0, 1]),
     ("batch", [7, 0], [0, -1, 1]), ("batch", [7, 0], [0, 0, True]), ("batch", [7, 0], [0, 0]), ("batch", [7], {}),
     ("batch", [2], True),  # more=True with ranges
-    ("batch", [8], []), ("batch", [7], DEL),
+    ("batch", [9], []), ("batch", [8], DEL), ("batch", [8], {}), ("batch", [8], [[0]]),
+    ("batch", [8], [[0, 1, 1, 1, b"r" * 32, b"s" * 64, b"x"]]),       # leaves: not count * 32 bytes
+    ("batch", [8], [[5, 1, 1, 0, b"r" * 32, b"s" * 64, b""]]),        # no such site
+    ("batch", [8], [[0, 0, 1, 0, b"r" * 32, b"s" * 64, b""]]),        # db version 0
+    ("batch", [8], [[0, 1, 1, 0, b"r" * 31, b"s" * 64, b""]]),        # short root
     ("ack", [1], True), ("ack", [1], 0), ("ack", [1], -1), ("ack", [1], 1.5), ("ack", [1], 1 << 63), ("ack", [2], 1),
     ("ack", [1], DEL), ("ping", [1], -1), ("ping", [1], None), ("ping", [1], NESTED), ("pong", [1], "1"),
     ("error", [1], ""), ("error", [1], "Has Caps"), ("error", [1], "x" * 65), ("error", [1], b"code"),

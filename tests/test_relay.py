@@ -19,6 +19,7 @@ from agents import Lab, wait_until
 from relays import RelayProcess, relays  # noqa: F401  (relays: the fixture)
 from wire import events_in, until_closed
 from groups import device_members
+from peers import signed
 from peers import Identity, open_session
 
 MARKER = "zebra-marker-7c1f"
@@ -329,9 +330,13 @@ def test_a_member_breaking_the_protocol_costs_only_its_session(lab, relays, pg_d
     # garbage after a valid hello: the relay answers with an Error and closes this session only
     received = events_in(_member_session(m, r, hello + b"\x00\x00\x00\x05" + b"\xc1" * 5))
     assert any(type(e) is Error for e in received), received
-    # a buggy member pushing an unsealed change: stored (the relay cannot tell), rejected by every device
+    # an unsigned change: refused by the relay (not stored), the session closed
     plain = Change("items", (77,), site, 1, (int(time.time() * 1000) << 16), True, ("name",), ("unsealed",))
-    _member_session(m, r, hello + encode_event(BatchEvent(1, Batch((plain,), (Range(site, 0, 1),)), False)),
+    received = events_in(_member_session(
+        m, r, hello + encode_event(BatchEvent(1, Batch((plain,), (Range(site, 0, 1),)), False))))
+    assert [e.code for e in received if type(e) is Error] == ["unattested"], received
+    # a buggy member pushing a signed but unsealed change: stored (the relay cannot tell), rejected by every device
+    _member_session(m, r, hello + encode_event(BatchEvent(1, signed(m.home, [plain], [Range(site, 0, 1)]), False)),
                     until=encode_event(Ack(1)))
     wait_until(lambda: (relay_peer(b) or {}).get("rejected_changes", 0) >= 1, what="B to reject the unsealed change")
     assert b.row(77) is None and a.row(77) is None
@@ -358,3 +363,65 @@ def test_relay_command_errors_are_clear(args, code, message, tmp_path):
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == code and message in r.stderr, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+# ---- authentic changes through the relay (issue 10) --------------------------------------
+
+def relay_vv(pg_dsn, site: bytes) -> int:
+    with psycopg.connect(pg_dsn) as c:
+        row = c.execute("SELECT max(dbv) FROM p2p_vv WHERE site = %s", (site,)).fetchone()
+    return row[0] or 0
+
+
+def test_the_relay_refuses_ranges_and_changes_no_member_signed(lab, relays, pg_dsn):
+    """A relay-token holder that is a member sends the relay an empty batch claiming every version of A,
+    then a change under A's site id: both refused, the relay's vector does not move, its session closes."""
+    from p2psync.model import Batch, Change, Range, VersionVector
+    from p2psync.protocol import PROTOCOL_VERSION, BatchEvent, Error, Hello, encode_event
+
+    a, b, m = lab.devices(3)
+    r = relays(pg_dsn, [token_of(a)])
+    lab.start(a, peers=[], relay=r.address)
+    lab.start(b, peers=[], relay=r.address)
+    wait_relay_connected(a, b)
+    a.execute("INSERT INTO items(id, name) VALUES (1, 'real')")
+    wait_until(lambda: b.row(1) is not None, what="A's write to reach B through the relay")
+    a_site = bytes.fromhex(a.site)
+    before = relay_vv(pg_dsn, a_site)
+    hello = encode_event(Hello(PROTOCOL_VERSION, bytes.fromhex(m.site), b"", int(time.time() * 1000),
+                               VersionVector()))
+    for batch in (Batch((), (Range(a_site, 0, (1 << 63) - 1),)),
+                  Batch((Change("~", (b"r" * 16,), a_site, before + 1, 1 << 40, None, ("~",), (b"x" * 40,)),),
+                        (Range(a_site, before, before + 1),))):
+        got = events_in(_member_session(m, r, hello + encode_event(BatchEvent(1, batch, False))))
+        assert [e.code for e in got if type(e) is Error] == ["unattested"], got
+    assert relay_vv(pg_dsn, a_site) == before
+    assert "did not sign" in r.log()
+    a.execute("INSERT INTO items(id, name) VALUES (2, 'still syncing')")
+    wait_until(lambda: b.row(2) is not None, what="sync through the relay to go on")
+
+
+def test_a_version_the_relay_serves_in_part_is_not_applied_and_comes_whole_from_a_lan_peer(lab, relays, pg_dsn):
+    """The relay's database loses one of the three rows of A's transaction: B, syncing only through the
+    relay, applies none of it, says so, and gets the whole transaction once it meets A on the LAN."""
+    a, b = lab.devices(2)
+    r = relays(pg_dsn, [token_of(a)])
+    lab.start(a, peers=[], relay=r.address)
+    wait_relay_connected(a)
+    before = own_dbv(a)
+    a.transaction([("INSERT INTO items(id, name) VALUES (?, ?)", (i, f"row {i}")) for i in (1, 2, 3)])
+    wait_pushed(a, before)
+    dbv = own_dbv(a)
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        gone = c.execute("DELETE FROM p2p_changes WHERE ctid IN (SELECT ctid FROM p2p_changes WHERE site = %s "
+                         "AND dbv = %s LIMIT 1)", (bytes.fromhex(a.site), dbv)).rowcount
+    assert gone == 1
+    lab.start(b, peers=[], relay=r.address)
+    wait_relay_connected(b)
+    wait_until(lambda: b.status()["counters"].get("changes_unattested", 0) >= 2, what="B to refuse the part")
+    assert [b.row(i) for i in (1, 2, 3)] == [None] * 3
+    assert b.status()["version_vector"].get(a.site, 0) < dbv
+    assert "do not match what" in b.log()
+    lab.stop(b)
+    lab.start(b, peers=[a], relay=r.address)
+    wait_until(lambda: all(b.row(i) is not None for i in (1, 2, 3)), what="B to get the whole version from A")

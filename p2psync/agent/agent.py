@@ -35,6 +35,7 @@ from ..noise import agent_handshake, agent_responder
 from ..net.bus import ChangeBus
 from ..net.store_worker import StoreWorker, wall_ms
 from ..protocol.prologue import device_prologue
+from ..protocol import RemoteProtocolError
 from ..store import SqliteStore
 from .control import serve_control
 from .group_service import GroupService
@@ -120,6 +121,7 @@ class Agent:
         self.members = self.group.members
         self.removed: str | None = None       # why this device no longer syncs, once it learns it was removed
         self._sync_scope = trio.CancelScope()
+        self._unsigned_warned = False
 
     wall_ms = staticmethod(wall_ms)
 
@@ -162,6 +164,26 @@ class Agent:
             log.warning("held %d changes from %s (unknown table/column or clock too far ahead); "
                         "see `p2psync status`", result.held, conn.label)
         self.bus.notify()
+        self.check_attested(conn, result)
+
+    def check_attested(self, conn: Connection, result) -> None:
+        """Count, log and (for what the peer sent as its own) end the session over unattested input."""
+        if not (result.refused or result.cut or result.conflicts):
+            return
+        refused = sum(result.refused.values())
+        self.counters["changes_unattested"] = self.counters.get("changes_unattested", 0) + refused
+        self.counters["ranges_cut"] = self.counters.get("ranges_cut", 0) + len(result.cut)
+        self.counters["version_conflicts"] = self.counters.get("version_conflicts", 0) + result.conflicts
+        if refused:
+            log.warning("refused %d changes from %s that no valid signature of their origin covers, not applied "
+                        "(%s)", refused, conn.label, "; ".join(result.refusals[:3]))
+        for site, (claimed, kept) in result.cut.items():
+            log.warning("%s claimed versions of %s up to %d, but only up to %d are signed by it; "
+                        "the version vector moved no further", conn.label, self.members.who(site), claimed, kept)
+        own = getattr(conn, "peer_site", None)
+        if own is not None and (own in result.refused or own in result.cut):
+            raise RemoteProtocolError("unattested", "sent changes or versions as its own that its signature "
+                                                    "does not cover; connection closed")
 
     # -- connections --------------------------------------------------------
 
@@ -398,6 +420,11 @@ class Agent:
             return False
         if n is not None:
             log.debug("stamped local writes as db version %d", n)
+            if self.store.signer is None and not self._unsigned_warned:
+                self._unsigned_warned = True
+                log.warning("local writes are stamped but not signed: this device does not hold its group's "
+                            "founding key yet; no peer accepts them until it does (an admin's agent sends it "
+                            "the key when they next meet), and they are signed then")
             self.bus.notify()
         return True
 
@@ -497,7 +524,24 @@ class Agent:
             "held": {"count": len(held), "reasons": _count(h.reason for h in held),
                      "paused": [p.advice(self.members.who(p.site)) for p in await self.worker.held_pauses()]},
             "counters": counters,
+            "authenticity": await self._authenticity(),
         }
+
+    async def _authenticity(self) -> dict:
+        """What was refused for want of a valid signature, and versions signed twice (a clone or rollback)."""
+        conflicts = await self.worker.call(self.store.version_conflicts)
+        by_site: dict[bytes, list[int]] = {}
+        for s, d in conflicts:
+            by_site.setdefault(s, []).append(d)
+        notices = [f"{self.members.who(s)} signed two different contents for db version"
+                   f"{'s' if len(ds) > 1 else ''} {', '.join(map(str, ds[:5]))}{' ...' if len(ds) > 5 else ''}: "
+                   f"a copy of that device (a cloned disk, a restored backup or a rolled-back VM) is running "
+                   f"under its site id; sync of those versions is stopped -- see README 'Backups'"
+                   for s, ds in sorted(by_site.items())]
+        return {"signing": self.store.signer is not None,
+                "changes_refused": self.counters.get("changes_unattested", 0),
+                "ranges_cut": self.counters.get("ranges_cut", 0),
+                "conflicts": notices}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -505,6 +549,9 @@ class Agent:
         host, port = self.config.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.listen_address = listeners[0].socket.getsockname()[:2]
+        signed = await self.worker.call(self.store.sign_versions)   # what a tool stamped while we were not running
+        if signed:
+            log.info("signed %d versions stamped while the agent was not running", signed)
         async with trio.open_nursery() as n:
             n.start_soon(trio.serve_listeners, self._handle_inbound, listeners)
             await n.start(serve_control, self.device.home / "agent.sock", self._control)

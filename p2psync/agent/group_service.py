@@ -27,6 +27,7 @@ from ..group import ActionError, Admission, GroupMembers
 from ..group import actions
 from ..model import Batch
 from ..model.membership import Invite
+from ..group.attestation import Attestation
 from ..net.join_io import receive_frame
 from ..protocol.join import (JoinProtocolError, JoinReply, decode_request, encode_reply, signed_part)
 
@@ -46,6 +47,8 @@ class GroupService:
         self.members = GroupMembers(self.device.found, self.device.site_id, self.device.static_private)
         self.members.load(agent.store.member_events())
         self.mark = agent.store.member_mark()
+        self.attestation = Attestation(self.members, self.device.sign_private)
+        self.arm_attestation()
         self.counters = {"sessions_refused": 0, "changes_refused": 0, "joins_served": 0, "joins_refused": 0}
         self.removed_logged = False
         self.notices_logged: set[str] = set()
@@ -102,6 +105,17 @@ class GroupService:
         if new:
             await self.spread(new, conn)
 
+    def arm_attestation(self) -> bool:
+        """Give the store the keys to sign our versions and check others' (once we hold the group's
+        founding secret; until then nothing is signed, and what we stamp is signed once we do)."""
+        if not self.attestation.refresh():
+            return False
+        store = self.agent.store
+        first = store.signer is None
+        store.attestor = self.attestation
+        store.signer = self.attestation.signer
+        return first
+
     async def reload(self) -> None:
         """Pick up events another process (the CLI) wrote to the database."""
         mark = await self.agent.worker.call(self.agent.store.member_mark)
@@ -133,6 +147,8 @@ class GroupService:
                 for c in conns:
                     n.start_soon(self._push, c, encoded)
             self._log_state()
+            if self.arm_attestation():
+                await self.agent.worker.call(self.agent.store.sign_versions)
         await self.recheck()
         chores = actions.shares_for_lacking(self.device, self.members, _now_ms())
         if chores:

@@ -84,7 +84,7 @@ class SealingWorker:
     async def batches(self, vv, max_changes: int, max_bytes: int):
         async for batch, more in self.worker.batches(vv, max_changes, max_bytes):
             sealed = await trio.to_thread.run_sync(self.sealer.seal_changes, batch.changes)
-            for part in split_parts(sealed, batch.ranges, more, PART_CHANGES, PART_BYTES):
+            for part in split_parts(sealed, batch.ranges, more, PART_CHANGES, PART_BYTES, batch.proofs):
                 yield part
 
 

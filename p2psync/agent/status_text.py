@@ -29,6 +29,16 @@ def format_status(st: dict) -> str:
         lines.append("held     0 changes")
     for advice in held.get("paused", []):
         lines.append(f"PAUSED   {advice}")
+    auth = st.get("authenticity") or {}
+    if auth and not auth.get("signing"):
+        lines.append("UNSIGNED this device does not hold its group's founding key yet, so its writes are not "
+                     "signed and no peer accepts them; it gets the key when it next meets an admin's agent")
+    if auth.get("changes_refused") or auth.get("ranges_cut"):
+        lines.append(f"refused  {auth.get('changes_refused', 0)} changes and {auth.get('ranges_cut', 0)} version "
+                     f"ranges from peers were not signed by their origin and were not applied (see the log: "
+                     f"a tampered relay database or a hostile member)")
+    for c in auth.get("conflicts", []):
+        lines.append(f"CLONE?   {c}")
     peers = st.get("peers", [])
     lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
     for p in peers:

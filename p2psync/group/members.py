@@ -184,7 +184,7 @@ class GroupMembers:
                 ranges.append(r)
             elif cap > r.lo:
                 ranges.append(Range(r.site, r.lo, min(r.hi, cap)))
-        return Batch(changes, tuple(ranges)), len(batch.changes) - len(changes), sorted(bad)
+        return Batch(changes, tuple(ranges), batch.proofs), len(batch.changes) - len(changes), sorted(bad)
 
     @property
     def me(self) -> Member | None:

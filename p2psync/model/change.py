@@ -68,6 +68,7 @@ class Batch:
 
     changes: tuple[Change, ...]
     ranges: tuple[Range, ...] = ()
+    proofs: tuple = ()      # model.attest.Proof of the versions the changes and ranges belong to
 
 
 def check_value(v: object, what: str) -> None:

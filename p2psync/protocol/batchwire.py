@@ -2,12 +2,14 @@
 
 How this works: a batch of N changes travels column-wise,
 
-    [sites, tables, colsets, columns, ranges]
+    [sites, tables, colsets, columns, ranges, proofs]
 
 ``sites``, ``tables`` and ``colsets`` list each distinct site id, table name
 and column-name tuple once. ``columns`` is eight arrays of N entries each:
 table index, primary key, site index, db version, hlc, alive (nil / true /
-false), colset index, values. ``ranges`` is ``[[site index, lo, hi], ...]``.
+false), colset index, values. ``ranges`` is ``[[site index, lo, hi], ...]``;
+``proofs`` is ``[[site index, dbv, hlc, count, root, signature, leaves], ...]``
+(``model.attest.Proof``; leaves b"" when the version's cells are all there).
 
 Column-wise is what makes 100k changes cheap in CPython: interning is
 ``dict.fromkeys`` and ``map`` over whole columns, and validation
@@ -32,10 +34,11 @@ from __future__ import annotations
 from itertools import chain, compress
 from operator import attrgetter
 
+from ..model.attest import LEAF_LEN, ROOT_LEN, SIG_LEN, Proof
 from ..model.change import Batch, Change, InvalidChange, Range, check_batch, check_value
 from .errors import describe
 from .limits import (
-    INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
+    INT64_MAX, INT64_MIN, MAX_BATCH_CHANGES, MAX_BATCH_PROOFS, MAX_BATCH_RANGES, MAX_COLUMNS, MAX_NAME_LEN,
     MAX_PK_COLUMNS, MAX_VALUE_BYTES, SITE_ID_LEN, U63_MAX,
 )
 
@@ -56,7 +59,8 @@ def batch_to_wire(batch: Batch) -> list:
     """The wire form of ``batch``; raises WireError if it is not a valid Batch."""
     try:
         wire = _to_wire(batch)
-        screen(*wire, indices_trusted=True)
+        screen(*wire[:5], indices_trusted=True)
+        _screen_proofs(len(wire[0]), [tuple(p) for p in wire[5]])
         return wire
     except (WireError, TypeError, AttributeError) as e:
         try:
@@ -67,17 +71,37 @@ def batch_to_wire(batch: Batch) -> list:
 
 
 def batch_from_wire(wire: tuple) -> Batch:
-    """The Batch that ``wire`` (five decoded fields) describes; raises WireError if malformed."""
-    sites, tables, colsets, cols, ranges = wire
+    """The Batch that ``wire`` (six decoded fields) describes; raises WireError if malformed."""
+    if len(wire) != 6:
+        raise WireError(f"a batch has 6 fields, got {len(wire)}")
+    sites, tables, colsets, cols, ranges, proofs = wire
     for name, part in (("sites", sites), ("tables", tables), ("colsets", colsets),
-                       ("changes", cols), ("ranges", ranges)):
+                       ("changes", cols), ("ranges", ranges), ("proofs", proofs)):
         if type(part) is not tuple:
             raise WireError(f"{name} must be an array, got {type(part).__name__}")
     screen(sites, tables, colsets, cols, ranges)
+    _screen_proofs(len(sites), proofs)
     tis, pks, sis, dbvs, hlcs, alives, cis, vals = cols
     changes = _build_changes(map(tables.__getitem__, tis), pks, map(sites.__getitem__, sis),
                              dbvs, hlcs, alives, map(colsets.__getitem__, cis), vals)
-    return Batch(changes, tuple(Range(sites[si], lo, hi) for si, lo, hi in ranges))
+    return Batch(changes, tuple(Range(sites[si], lo, hi) for si, lo, hi in ranges),
+                 tuple(Proof(sites[p[0]], *p[1:]) for p in proofs))
+
+
+def _screen_proofs(n_sites: int, proofs) -> None:
+    if len(proofs) > MAX_BATCH_PROOFS:
+        raise WireError(f"{len(proofs)} proofs (limit {MAX_BATCH_PROOFS})")
+    for i, p in enumerate(proofs):
+        if type(p) is not tuple or len(p) != 7:
+            raise WireError(f"proof {i} must be [site index, dbv, hlc, count, root, signature, leaves]")
+        _check_ints(p[:1], 0, n_sites - 1, f"proof {i}: site index")
+        _check_ints(p[1:2], 1, U63_MAX, f"proof {i}: db version")
+        _check_ints(p[2:4], 0, U63_MAX, f"proof {i}: hlc and count")
+        root, sig, leaves = p[4:]
+        if type(root) is not bytes or len(root) != ROOT_LEN or type(sig) is not bytes or len(sig) != SIG_LEN:
+            raise WireError(f"proof {i}: root must be {ROOT_LEN} bytes and signature {SIG_LEN}")
+        if type(leaves) is not bytes or (leaves and len(leaves) != p[3] * LEAF_LEN):
+            raise WireError(f"proof {i}: leaves must be empty or count * {LEAF_LEN} bytes")
 
 
 def _build_changes(*columns) -> tuple[Change, ...]:
@@ -112,7 +136,14 @@ def _to_wire(batch: Batch) -> list:
     cols = [list(map(table_i.__getitem__, tables_col)), pks, list(map(site_i.__getitem__, sites_col)),
             dbvs, hlcs, alives, list(map(colset_i.__getitem__, colsets_col)), vals]
     ranges = [(site_i[r.site], r.lo, r.hi) for r in rs]
-    return [sites, tables, colsets, cols, ranges]
+    proofs = []
+    for pr in batch.proofs:
+        si = site_i.get(pr.site)
+        if si is None:
+            si = site_i[pr.site] = len(sites)
+            sites.append(pr.site)
+        proofs.append((si, pr.dbv, pr.hlc, pr.count, pr.root, pr.signature, pr.leaves))
+    return [sites, tables, colsets, cols, ranges, proofs]
 
 
 def screen(sites, tables, colsets, cols, ranges, *, indices_trusted: bool = False) -> None:

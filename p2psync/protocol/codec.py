@@ -260,7 +260,7 @@ def _decode_error(code, message) -> Error:
 
 _DECODERS = {
     HELLO: ("Hello", 5, _decode_hello),
-    BATCH: ("Batch", 7, _decode_batch),
+    BATCH: ("Batch", 8, _decode_batch),
     ACK: ("Ack", 1, lambda seq: Ack(_u63(seq, "seq", lo=1))),
     PING: ("Ping", 1, lambda token: Ping(_u63(token, "token"))),
     PONG: ("Pong", 1, lambda token: Pong(_u63(token, "token"))),

@@ -55,7 +55,8 @@ from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
-from ..protocol import Error, encode_event
+from ..model.attest import Verifier
+from ..protocol import Error, RemoteProtocolError, encode_event
 from ..protocol.relay_preamble import PREAMBLE_LEN, BadPreamble, parse_preamble, relay_prologue
 from ..store import StoreError
 from ..store.postgres import (ADMITTED, NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_groups, migrate,
@@ -103,11 +104,22 @@ class SessionContext:
 
     def __init__(self, relay: Relay, group: GroupState, store: PostgresStore):
         self.relay, self.group, self.store = relay, group, store
+        self._cached = None
         self.worker = StoreWorker(store)
         self.site_id = relay.site_id
         self.schema = store.schema_fingerprint()
         self.bus = group.bus
         self.members = group.members
+        store.attestor = self._verifier
+
+    def _verifier(self):
+        """(Verifier, None) over the signing keys of every device the group's log ever added (the store's
+        check of signed versions; the relay sees no cells, so there is no leaf hasher)."""
+        st = self.members.state
+        if self._cached is None or self._cached[0] is not st:
+            keys = {s: m.sign_pub for s, m in st.members.items()} if st is not None else {}
+            self._cached = (st, Verifier(st.group if st is not None else b"", keys))
+        return self._cached[1], None
 
     wall_ms = staticmethod(wall_ms)
 
@@ -133,6 +145,15 @@ class SessionContext:
     def on_applied(self, conn: Connection, batch, result) -> None:
         if result.cells_won or batch.ranges:
             self.bus.notify()
+        if result.refused or result.cut or result.conflicts:
+            refused = sum(result.refused.values())
+            self.relay.counters["changes_unattested"] = self.relay.counters.get("changes_unattested", 0) + refused
+            self.relay.counters["ranges_cut"] = self.relay.counters.get("ranges_cut", 0) + len(result.cut)
+            log.warning("group %d: %s sent %d changes and %d ranges its members did not sign (%s); not stored, "
+                        "connection closed", self.group.id, conn.label, refused, len(result.cut),
+                        "; ".join(result.refusals[:3]) or "ranges past the last signed version")
+            raise RemoteProtocolError("unattested", "sent versions or ranges that no member signed; "
+                                                    "connection closed")
 
 
 class Relay:

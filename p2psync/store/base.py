@@ -16,6 +16,10 @@ class ApplyResult:
     cells_won: int = 0          # registers that took the incoming write
     held: int = 0               # changes stored aside (unknown table/column, clock skew)
     vv: VersionVector = field(default_factory=VersionVector)
+    refused: dict = field(default_factory=dict)    # site -> changes no valid proof covered (not applied)
+    refusals: tuple = ()        # one sentence per version refused, for the log
+    cut: dict = field(default_factory=dict)        # site -> (range end claimed, end kept): unattested ranges
+    conflicts: int = 0          # versions signed twice with different contents (a clone or a rollback)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import msgpack
 import psycopg
 
 from ..model import Batch, Change, VersionVector
+from ..model.attest import Proof, attest
 from ..model.change import SEALED_COLUMN, SEALED_TABLE, check_batch
 from .base import ApplyResult, HeldChange
 from .batching import site_batches
@@ -190,6 +191,7 @@ class PostgresStore:
         self.dsn, self.group, self.site_id = dsn, group, site_id
         self._writer = connect(dsn)
         self._write_pack = msgpack.Packer(use_bin_type=True).pack
+        self.attestor = None   # () -> (Verifier, None), set by the relay: apply keeps only signed versions
 
     def close(self) -> None:
         self._writer.close()
@@ -250,9 +252,22 @@ class PostgresStore:
             except ValueError as e:
                 raise StoreError(f"rejected batch: {e}") from e
         conn = self._writer
+        att = None
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, self.group))
+                if self.attestor is not None:
+                    verifier, _ = self.attestor()
+                    att = attest(batch, verifier, None, known=lambda s, d: self._known_root(conn, s, d))
+                    batch = att.batch
+                    if att.proofs:
+                        with conn.cursor() as cur:
+                            cur.executemany("INSERT INTO p2p_versions(grp, site, dbv, hlc, count, root, sig, leaves) "
+                                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (grp, site, dbv) DO "
+                                            "UPDATE SET leaves = excluded.leaves WHERE p2p_versions.leaves = '' "
+                                            "AND p2p_versions.root = excluded.root",
+                                            [(self.group, p.site, p.dbv, p.hlc, p.count, p.root, p.signature,
+                                              p.leaves) for p in att.proofs])
                 vv = self._vv(conn)
                 rows = self._new_rows(batch.changes, vv)
                 if rows:
@@ -271,7 +286,15 @@ class PostgresStore:
                     conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(self.group)))
         except psycopg.Error as e:
             raise StoreError(f"could not store a batch: {str(e).strip()}") from e
-        return ApplyResult(cells_won=len(rows), held=0, vv=vv)
+        if att is None:
+            return ApplyResult(cells_won=len(rows), held=0, vv=vv)
+        return ApplyResult(cells_won=len(rows), held=0, vv=vv, refused=att.refused, refusals=tuple(att.reasons),
+                           cut=att.cut, conflicts=len(att.conflicts))
+
+    def _known_root(self, conn, site: bytes, dbv: int) -> bytes | None:
+        row = conn.execute("SELECT root FROM p2p_versions WHERE grp = %s AND site = %s AND dbv = %s",
+                           (self.group, site, dbv)).fetchone()
+        return bytes(row[0]) if row else None
 
     def _new_rows(self, changes, vv: VersionVector) -> list[tuple]:
         """(site, dbv, ident, hlc, body) of the changes the vector does not already cover.
@@ -357,7 +380,26 @@ class PostgresStore:
             cur.execute("SELECT dbv, ident, hlc, body FROM p2p_changes "
                         "WHERE grp = %s AND site = %s AND dbv > %s AND dbv <= %s ORDER BY dbv",
                         (self.group, site, lo, hi))
-            yield from site_batches(site, lo, hi, self._versions(cur, site), max_changes, max_bytes)
+            parts = site_batches(site, lo, hi, self._versions(cur, site), max_changes, max_bytes)
+            yield from self._with_proofs(conn, site, parts)
+
+    def _with_proofs(self, conn, site: bytes, parts):
+        """``parts`` with the stored proofs of their versions (as the devices sent them) on each group's last part."""
+        dbvs: set[int] = set()
+        for batch, more in parts:
+            dbvs.update(c.dbv for c in batch.changes)
+            if more:
+                yield batch, more
+                continue
+            dbvs.update(r.hi for r in batch.ranges)
+            proofs = ()
+            if dbvs:
+                rows = conn.execute("SELECT dbv, hlc, count, root, sig, leaves FROM p2p_versions "
+                                    "WHERE grp = %s AND site = %s AND dbv = ANY(%s)",
+                                    (self.group, site, sorted(dbvs))).fetchall()
+                proofs = tuple(Proof(site, d, h, n, bytes(r), bytes(s), bytes(lv)) for d, h, n, r, s, lv in rows)
+            dbvs = set()
+            yield Batch(batch.changes, batch.ranges, proofs), False
 
     @staticmethod
     def _versions(rows, site: bytes):

@@ -38,6 +38,7 @@ Postgres transaction.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import tempfile
 import threading
@@ -49,6 +50,7 @@ import apsw
 import msgpack
 
 from ..model import Batch, Change, Range, VersionVector
+from ..model.attest import Proof
 from .batching import approx_size, site_batches
 from .ddl import TableSpec, q
 from .merging import SiteMap
@@ -116,7 +118,8 @@ class Staged:
                 self._in_memory += size
                 self._cv.notify()
                 return True
-        data = msgpack.packb(([(r.site, r.lo, r.hi) for r in batch.ranges], batch.changes), use_bin_type=True)
+        data = msgpack.packb(([(r.site, r.lo, r.hi) for r in batch.ranges], batch.changes, batch.proofs),
+                             use_bin_type=True)
         with self._cv:
             if self._cancelled:
                 return False
@@ -150,9 +153,10 @@ class Staged:
                 return batch, more
             offset, length = where
             fd = self._file.fileno()
-        ranges, changes = msgpack.unpackb(os.pread(fd, length, offset), raw=False, use_list=False)
+        ranges, changes, proofs = msgpack.unpackb(os.pread(fd, length, offset), raw=False, use_list=False)
         make = partial(tuple.__new__, Change)   # what Change._make does, without its checks
-        return Batch(tuple(map(make, changes)), tuple(Range(*r) for r in ranges)), more
+        return (Batch(tuple(map(make, changes)), tuple(Range(*r) for r in ranges), tuple(Proof(*p) for p in proofs)),
+                more)
 
     def cancel(self) -> None:
         """The consumer is done: drop what is staged; a reader still running stops at its next batch."""
@@ -329,6 +333,60 @@ class ChangeReader:
             out.append(Change(table, pk, self.sites.site(s), v, h, a, tuple(cols), tuple(vals)))
         return out
 
+    def version_changes(self, site: bytes, lo: int, hi: int) -> Iterator[tuple[int, list[Change]]]:
+        """(dbv, the changes of that version still held here) for ``site``'s versions in (lo, hi], in order.
+
+        What a batch would carry of each version, without the cells sent along to make rows
+        whole (other versions'): what the origin signs (store.sign_versions).
+        """
+        s_idx = self.sites.idx_existing(site)
+        if s_idx is None:
+            return
+        entries = heapq.merge(*(self._entries(spec, s_idx, lo, hi) for spec in self.specs.values()),
+                              key=lambda e: e[0])
+        for dbv, rows in itertools.groupby(entries, key=lambda e: e[0]):
+            out = []
+            for _, table, pk, regs, base in rows:
+                out.extend(c for c in self._changes(site, s_idx, dbv, table, pk, regs, base)
+                           if c.dbv == dbv and c.site == site)
+            yield dbv, out
+
+    def proof(self, site: bytes, dbv: int, leaves: bool) -> Proof | None:
+        """The stored proof of (site, dbv), with its leaves if ``leaves`` (and known), or None."""
+        column = "leaves" if leaves else "x''"
+        rows = self.conn.execute(f"SELECT hlc, count, root, sig, {column} FROM _p2p_versions "
+                                 f"WHERE site = ? AND dbv = ?", (site, dbv)).fetchall()
+        return Proof(site, dbv, *rows[0]) if rows else None
+
+    def with_proofs(self, parts: Iterator[tuple[Batch, bool]]) -> Iterator[tuple[Batch, bool]]:
+        """``parts`` with the proofs of their versions on the last part of each group.
+
+        One proof per (site, dbv) of the group's cells and per range end; its leaves go along
+        only when the group has fewer of that version's cells than it signed (some superseded,
+        or cells sent along to make rows whole), so a whole version costs its manifest alone.
+        """
+        counts: dict[tuple[bytes, int], int] = defaultdict(int)
+        seen: set[Change] = set()   # a cell sent along to make a row whole may also come with its own version
+        for batch, more in parts:
+            for c in batch.changes:
+                if c not in seen:
+                    seen.add(c)
+                    counts[(c.site, c.dbv)] += (c.alive is not None) + len(c.columns)
+            if more:
+                yield batch, more
+                continue
+            proofs = []
+            for key in sorted(set(counts) | {(r.site, r.hi) for r in batch.ranges}):
+                p = self.proof(*key, leaves=False)
+                if p is None:
+                    continue   # not signed (a database synced before signing): the receiver refuses it
+                if key in counts and counts[key] != p.count:
+                    p = self.proof(*key, leaves=True)
+                proofs.append(p)
+            counts.clear()
+            seen.clear()
+            yield Batch(batch.changes, batch.ranges, tuple(proofs)), False
+
     def batches(self, peer_vv: VersionVector, max_changes: int, max_bytes: int) -> Iterator[tuple[Batch, bool]]:
         """Batches of everything ``peer_vv`` lacks; (batch, more) pairs."""
         for site, hi in self.local_vv.items():
@@ -349,4 +407,4 @@ class ChangeReader:
             # a held change comes as (dbv, None, change, None, None)
             versions = ((dbv, [pk] if table is None else self._changes(site, s_idx, dbv, table, pk, regs, base))
                         for dbv, table, pk, regs, base in entries)
-            yield from site_batches(site, lo, hi, versions, max_changes, max_bytes)
+            yield from self.with_proofs(site_batches(site, lo, hi, versions, max_changes, max_bytes))

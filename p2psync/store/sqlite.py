@@ -32,6 +32,7 @@ from pathlib import Path
 import apsw
 
 from ..model import Batch, Change, Hlc, VersionVector
+from ..model.attest import Proof, Signer, attest
 from ..model.change import check_batch
 from .base import ApplyResult, HeldChange
 from .connection import open_db
@@ -110,6 +111,11 @@ class SqliteStore:
     def __init__(self, path: str | Path, site_id: bytes, *, max_clock_skew_ms: int = DEFAULT_MAX_SKEW_MS,
                  max_held_table_bytes: int = HELD_TABLE_BYTES, max_held_bytes: int = HELD_TOTAL_BYTES):
         self.path = Path(path)
+        # Set by the agent once it holds the group's keys (model/attest.py): ``signer`` signs every
+        # version we stamp; ``attestor()`` gives (Verifier, leaf hasher) and makes ``apply`` take
+        # only what verifies. Without them (tools, tests of the store alone) nothing is signed or checked.
+        self.signer: Signer | None = None
+        self.attestor = None
         self.site_id = site_id
         self._readers: list[apsw.Connection] = []   # idle read connections, reused by changes_since
         self._reader_lock = threading.Lock()
@@ -221,10 +227,65 @@ class SqliteStore:
             n, top = stamp_table(self.conn, spec, site_idx=self.local_idx, dbv=new_dbv, last_hlc=top, now_ms=now_ms)
             total += n
         if not total:
+            if self.signer is not None and dbv and self._unsigned():
+                self._sign_own()   # stamped while no signer was set: signed at the next stamp, pending or not
             return None
         self.conn.execute("UPDATE _p2p_state SET dbv = ?, hlc = ?", (new_dbv, top))
         self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (self.site_id, new_dbv))
+        if self.signer is not None:
+            self._sign_own()
         return new_dbv
+
+    def sign_versions(self) -> int:
+        """Sign our versions stamped while no signer was set (by a tool, or before an upgrade); how many."""
+        if self.signer is None:
+            return 0
+        with self._write():
+            return self._sign_own()
+
+    def _unsigned(self) -> bool:
+        top = self.conn.execute("SELECT max(dbv) FROM _p2p_versions WHERE site = ?", (self.site_id,)).fetchall()[0][0]
+        return (top or 0) < self._state()[0]
+
+    def _sign_own(self) -> int:
+        """Sign our versions after the last one signed (in the caller's write transaction); how many."""
+        dbv = self._state()[0]
+        last = self.conn.execute("SELECT max(dbv) FROM _p2p_versions WHERE site = ?", (self.site_id,)).fetchall()[0][0]
+        last = last or 0
+        if last >= dbv:
+            return 0
+        reader = ChangeReader(self.conn, self.specs, self.version_vector())
+        rows = []
+        try:
+            for d, changes in reader.version_changes(self.site_id, last, dbv):
+                if changes or d == dbv:
+                    rows.append(self._signed_row(d, changes))
+        finally:
+            reader.close()
+        if not rows or rows[-1][1] != dbv:
+            rows.append(self._signed_row(dbv, []))   # the newest version ends every range we send
+        self.conn.executemany("INSERT OR IGNORE INTO _p2p_versions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def _signed_row(self, dbv: int, changes: list[Change]) -> tuple:
+        signer = self.signer
+        leaves = [leaf for c in changes for leaf in signer.leaves(c)]
+        hlc = max((c.hlc for c in changes), default=self._state()[1])
+        p = signer.sign(dbv, hlc, leaves)
+        return (p.site, p.dbv, p.hlc, p.count, p.root, p.signature, p.leaves)
+
+    def _known_root(self, site: bytes, dbv: int) -> bytes | None:
+        rows = self.conn.execute("SELECT root FROM _p2p_versions WHERE site = ? AND dbv = ?", (site, dbv)).fetchall()
+        return rows[0][0] if rows else None
+
+    def proofs(self, site: bytes) -> list[Proof]:
+        """The proofs stored for ``site``'s versions, in order (for tools and tests)."""
+        return [Proof(site, *r) for r in self.conn.execute(
+            "SELECT dbv, hlc, count, root, sig, leaves FROM _p2p_versions WHERE site = ? ORDER BY dbv", (site,))]
+
+    def version_conflicts(self) -> list[tuple[bytes, int]]:
+        """(site, dbv) of versions signed twice with different contents (a clone or a rollback of that site)."""
+        return self.conn.execute("SELECT DISTINCT site, dbv FROM _p2p_version_conflicts ORDER BY site, dbv").fetchall()
 
     def pending(self) -> int:
         """Logged local writes not yet stamped."""
@@ -287,7 +348,14 @@ class SqliteStore:
                 check_batch(batch)
             except ValueError as e:
                 raise StoreError(f"rejected batch: {e}") from e
+        att = None
+        if self.attestor is not None:
+            verifier, hasher = self.attestor()
+            att = attest(batch, verifier, hasher, known=self._known_root)
+            batch = att.batch
         with self._write():
+            if att is not None:
+                self._store_proofs(att)
             self._catch_up_own(batch)
             self._stamp_locked(now_ms)
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
@@ -302,7 +370,19 @@ class SqliteStore:
                     self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (r.site, r.hi))
                     self.conn.execute("DELETE FROM _p2p_held_paused WHERE site = ?", (r.site,))
                     vv = vv.with_entry(r.site, r.hi)
-        return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv)
+        if att is None:
+            return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv)
+        return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv, refused=att.refused,
+                           refusals=tuple(att.reasons), cut=att.cut, conflicts=len(att.conflicts))
+
+    def _store_proofs(self, att) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO _p2p_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(p.site, p.dbv, p.hlc, p.count, p.root, p.signature, p.leaves) for p in att.proofs])
+        # a proof stored without leaves (seen as a range's end) gets them once they are known
+        self.conn.executemany("UPDATE _p2p_versions SET leaves = ? WHERE site = ? AND dbv = ? AND root = ? "
+                              "AND leaves = x''", [(p.leaves, p.site, p.dbv, p.root) for p in att.proofs if p.leaves])
+        self.conn.executemany("INSERT OR IGNORE INTO _p2p_version_conflicts VALUES (?, ?, ?, ?, ?, ?)",
+                              [(p.site, p.dbv, p.root, p.signature, p.hlc, p.count) for p in att.conflicts])
 
     def _catch_up_own(self, batch: Batch) -> None:
         """Take our own db versions that a peer knows and we do not (a restored backup).

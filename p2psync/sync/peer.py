@@ -47,6 +47,7 @@ class PeerSync:
         self.max_group_changes = max_group_changes
         self.max_staged_bytes = max_staged_bytes
         self._parts: list[tuple[Change, ...]] = []
+        self._part_proofs: list = []
         self._staged = 0
         self._staged_bytes = 0
         self.batches_sent = self.batches_received = 0
@@ -81,10 +82,11 @@ class PeerSync:
                                                 f"connection closed")
         if more:
             self._parts.append(batch.changes)
+            self._part_proofs.extend(batch.proofs)
             return None, 0
         if self._parts:
             changes = tuple(c for part in self._parts for c in part) + batch.changes
-            batch = Batch(changes, batch.ranges)
+            batch = Batch(changes, batch.ranges, tuple(self._part_proofs) + batch.proofs)
         cost = self._staged_bytes
         self.drop_staged()
         self.known = advance(self.known, batch.ranges)
@@ -92,7 +94,7 @@ class PeerSync:
 
     def drop_staged(self) -> None:
         """Forget the parts of an incomplete group (the session is ending)."""
-        self._parts, self._staged, self._staged_bytes = [], 0, 0
+        self._parts, self._part_proofs, self._staged, self._staged_bytes = [], [], 0, 0
 
     @property
     def staged(self) -> int:

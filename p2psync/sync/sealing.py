@@ -167,12 +167,13 @@ class Sealer:
                 if len(reasons) < 5:
                     reasons.append(str(e))
         ranges = tuple(r for r in batch.ranges if r.site not in bad_sites)
-        return OpenResult(Batch(tuple(changes), ranges), rejected, reasons)
+        return OpenResult(Batch(tuple(changes), ranges, batch.proofs), rejected, reasons)
 
 
 def split_parts(changes: list[Change], ranges: tuple[Range, ...], more: bool,
-                max_changes: int, max_bytes: int) -> list[tuple[Batch, bool]]:
-    """Sealed changes cut into parts no bigger than the limits; only the last keeps ``ranges``/``more``."""
+                max_changes: int, max_bytes: int, proofs: tuple = ()) -> list[tuple[Batch, bool]]:
+    """Sealed changes cut into parts no bigger than the limits; only the last keeps ``ranges``/``more``
+    (and the proofs)."""
     parts: list[tuple[Batch, bool]] = []
     start, size = 0, 0
     for i, c in enumerate(changes):
@@ -181,5 +182,5 @@ def split_parts(changes: list[Change], ranges: tuple[Range, ...], more: bool,
             if i + 1 < len(changes):
                 parts.append((Batch(tuple(changes[start:i + 1]), ()), True))
                 start, size = i + 1, 0
-    parts.append((Batch(tuple(changes[start:]), ranges), more))
+    parts.append((Batch(tuple(changes[start:]), ranges, proofs), more))
     return parts

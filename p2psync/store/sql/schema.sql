@@ -62,3 +62,28 @@ CREATE TABLE IF NOT EXISTS _p2p_members(
   hash BLOB NOT NULL UNIQUE,
   data BLOB NOT NULL
 );
+-- Signed versions (p2psync/model/attest.py): one proof per (origin, db version) this
+-- device holds cells of or has vouched for; our own are signed as they are stamped.
+-- leaves: the version's sorted leaves (32 bytes each), b'' if not known here (a version
+-- only seen as the end of a range, none of whose cells reached us).
+CREATE TABLE IF NOT EXISTS _p2p_versions(
+  site BLOB NOT NULL,
+  dbv INTEGER NOT NULL,
+  hlc INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  root BLOB NOT NULL,
+  sig BLOB NOT NULL,
+  leaves BLOB NOT NULL,
+  PRIMARY KEY(site, dbv)
+) WITHOUT ROWID;
+-- A second valid proof for a version held with another content: its origin was cloned
+-- or rolled back (two devices signing under one site id). `status` reports it.
+CREATE TABLE IF NOT EXISTS _p2p_version_conflicts(
+  site BLOB NOT NULL,
+  dbv INTEGER NOT NULL,
+  root BLOB NOT NULL,
+  sig BLOB NOT NULL,
+  hlc INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  PRIMARY KEY(site, dbv, root)
+) WITHOUT ROWID;
