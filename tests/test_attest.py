@@ -115,3 +115,42 @@ def test_a_relay_checks_signatures_and_ranges_but_not_sealed_cells():
     assert out.batch.changes == tuple(cs) and not out.cut
     out = attest(Batch(tuple(cs), (Range(A[0], 2, 3),), ()), VERIFIER, None)
     assert out.batch.changes == () and out.cut == {A[0]: (3, 2)}
+
+
+# ---- with stores (SQLite files), signing as agents do -------------------------------------
+
+def test_a_value_written_behind_captures_back_is_not_sent_and_the_rest_of_its_version_is(tmp_path, caplog):
+    """Triggers dropped, a row changed, triggers back: the sender finds the cell no longer matches what
+    it signed, leaves it out (logged) and sends the rest of the version with its leaves -- the receiver
+    refuses nothing, so an honest session is never taken for a forger's."""
+    import sqlite3
+
+    from p2psync.store import SqliteStore
+    from storeutil import SigningGroup, transfer
+
+    group = SigningGroup()
+    stores = []
+    for name, site in (("a", b"A" * 16), ("b", b"B" * 16)):
+        db = tmp_path / f"{name}.db"
+        c = sqlite3.connect(db)
+        c.executescript("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+        c.close()
+        s = group.arm(SqliteStore(db, site))
+        s.track("t")
+        stores.append(s)
+    a, b = stores
+    app = sqlite3.connect(a.path, isolation_level=None)
+    app.executescript("BEGIN; INSERT INTO t VALUES (1, 'one'); INSERT INTO t VALUES (2, 'two'); COMMIT;")
+    a.stamp(1_700_000_000_000)
+    # behind capture's back: no trigger logs this update (a tool that dropped and recreated them)
+    sql = app.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_p2p_upd_t'").fetchone()[0]
+    app.executescript(f"DROP TRIGGER _p2p_upd_t; UPDATE t SET v = 'changed unseen' WHERE id = 2; {sql};")
+    app.close()
+    with caplog.at_level("WARNING", logger="p2psync.store"):
+        results = transfer(a, b, 1_700_000_000_000)
+    assert all(not r.refused and not r.cut for r in results)
+    assert "no longer hold what was signed" in caplog.text
+    rows = sqlite3.connect(b.path).execute("SELECT id, v FROM t ORDER BY id").fetchall()
+    assert rows == [(1, "one")]          # row 2 waits for reconciliation (issue 11); nothing forged applied
+    a.close()
+    b.close()

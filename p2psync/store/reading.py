@@ -46,6 +46,8 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import logging
+
 import apsw
 import msgpack
 
@@ -54,6 +56,8 @@ from ..model.attest import Proof
 from .batching import approx_size, site_batches
 from .ddl import TableSpec, q
 from .merging import SiteMap
+
+log = logging.getLogger("p2psync.store")
 
 STAGE_BYTES = 1 << 20   # staged batches kept in memory for a consumer that lags (batch_bytes); beyond: a temp file
 CHUNK_BYTES = 8 << 20   # read from one snapshot before it ends (then the next chunk, from a new one)
@@ -222,8 +226,10 @@ def in_snapshots(read_chunk: Callable[[VersionVector, Staged], bool], vv: Versio
 class ChangeReader:
     """Reads changes from one snapshot of the database (a read transaction)."""
 
-    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector):
+    def __init__(self, conn: apsw.Connection, specs: dict[str, TableSpec], local_vv: VersionVector,
+                 signer=None):
         self.conn, self.specs, self.local_vv = conn, specs, local_vv
+        self.signer = signer        # model.attest.Signer: check our own cells against what we signed
         self._cursors: set[apsw.Cursor] = set()
         self.sites = SiteMap(conn)
         self.unstamped = self._unstamped_versions()
@@ -367,7 +373,10 @@ class ChangeReader:
         """
         counts: dict[tuple[bytes, int], int] = defaultdict(int)
         seen: set[Change] = set()   # a cell sent along to make a row whole may also come with its own version
+        signed: dict[tuple[bytes, int], frozenset | None] = {}   # our own versions' leaves, for the check
         for batch, more in parts:
+            if self.signer is not None:
+                batch = self._check_own(batch, signed)
             for c in batch.changes:
                 if c not in seen:
                     seen.add(c)
@@ -385,7 +394,37 @@ class ChangeReader:
                 proofs.append(p)
             counts.clear()
             seen.clear()
+            signed.clear()
             yield Batch(batch.changes, batch.ranges, tuple(proofs)), False
+
+    def _check_own(self, batch: Batch, signed: dict) -> Batch:
+        """``batch`` without our own cells whose value is not what we signed.
+
+        Such a cell was written behind capture's back (triggers dropped or disabled, a rebuilt
+        table): its receivers would refuse the whole version and take us for a forger. It is
+        left out and logged; the rest of its version goes with the version's leaves.
+        """
+        own, hasher = self.signer.site, self.signer.leaves
+        drop = []
+        for i, c in enumerate(batch.changes):
+            if c.site != own:
+                continue
+            key = (own, c.dbv)
+            if key not in signed:
+                p = self.proof(own, c.dbv, leaves=True)
+                joined = p.leaves if p is not None else b""
+                signed[key] = frozenset(joined[j:j + 32] for j in range(0, len(joined), 32)) if joined else None
+            leaves = signed[key]
+            if leaves is not None and not leaves.issuperset(hasher(c)):
+                drop.append(i)
+        if not drop:
+            return batch
+        first = batch.changes[drop[0]]
+        log.warning("%d rows of this device's version %d (first: table %r, key %r) no longer hold what was "
+                    "signed for them: they were written while capture was bypassed (triggers dropped or "
+                    "disabled, a table rebuilt); they are not sent", len(drop), first.dbv, first.table, first.pk)
+        gone = set(drop)
+        return Batch(tuple(c for i, c in enumerate(batch.changes) if i not in gone), batch.ranges, batch.proofs)
 
     def batches(self, peer_vv: VersionVector, max_changes: int, max_bytes: int) -> Iterator[tuple[Batch, bool]]:
         """Batches of everything ``peer_vv`` lacks; (batch, more) pairs."""

@@ -309,7 +309,7 @@ class SqliteStore:
             conn.execute("BEGIN")
             try:
                 local = VersionVector(dict(conn.execute("SELECT site, dbv FROM _p2p_vv").fetchall()))
-                reader = ChangeReader(conn, load_specs(conn), local)
+                reader = ChangeReader(conn, load_specs(conn), local, self.signer)
                 try:
                     complete = stage(staged, reader.batches(vv, max_changes, max_bytes))
                 finally:
