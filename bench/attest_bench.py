@@ -60,7 +60,7 @@ def _transfer(a, b, now: int) -> int:
             from storeutil import join
             g = join(parts)
             parts = []
-            r = b.apply(g, now)
+            r = b.apply(g, now, validated=True)   # decoded from the wire: checked there, as in an agent
             assert not r.refused and not r.cut, r.refusals
             n += len(g.changes)
     return n

@@ -74,19 +74,25 @@ def cell_key(group_id: bytes, founding_secret: bytes) -> bytes:
 
 def leaf_hasher(key: bytes) -> Callable[[Change], list[bytes]]:
     """A function giving the leaves of one change (one per cell it carries)."""
-    base = hashlib.blake2b(key=key, digest_size=LEAF_LEN)
+    copy = hashlib.blake2b(key=key, digest_size=LEAF_LEN).copy
     pack = msgpack.Packer(use_bin_type=True).pack
+    names: dict[str, bytes] = {}   # column name -> its msgpack form (names repeat in every change)
 
     def leaves(c: Change) -> list[bytes]:
-        row = pack(c.table) + pack(list(c.pk))
+        row = pack(c.table) + pack(c.pk)
         out = []
         if c.alive is not None:
-            h = base.copy()
+            h = copy()
             h.update(row + (b"\xc3\xc3" if c.alive else b"\xc3\xc2"))   # (true, alive): no column is a bool
             out.append(h.digest())
         for col, v in zip(c.columns, c.values):
-            h = base.copy()
-            h.update(row + pack(col) + pack(v))
+            name = names.get(col)
+            if name is None:
+                name = names[col] = pack(col)
+            h = copy()
+            h.update(row)
+            h.update(name)
+            h.update(pack(v))
             out.append(h.digest())
         return out
 
