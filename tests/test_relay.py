@@ -412,6 +412,13 @@ def test_a_version_the_relay_serves_in_part_is_not_applied_and_comes_whole_from_
     a.transaction([("INSERT INTO items(id, name) VALUES (?, ?)", (i, f"row {i}")) for i in (1, 2, 3)])
     wait_pushed(a, before)
     dbv = own_dbv(a)
+    site = bytes.fromhex(a.site)
+
+    def stored() -> int:   # "we owe 0" means sent; the relay commits a moment later
+        with psycopg.connect(pg_dsn) as c:
+            return c.execute("SELECT count(*) FROM p2p_changes WHERE site = %s AND dbv = %s", (site, dbv)).fetchone()[0]
+
+    wait_until(lambda: stored() == 3, what="the relay to store A's transaction")
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         gone = c.execute("DELETE FROM p2p_changes WHERE ctid IN (SELECT ctid FROM p2p_changes WHERE site = %s "
                          "AND dbv = %s LIMIT 1)", (bytes.fromhex(a.site), dbv)).rowcount

@@ -63,7 +63,8 @@ MEMBERS_OFF_LOOP = 8               # membership events in one message from which
 MAX_OWN_IGNORED_EVENTS = 100       # events a peer itself signed without the right to, per session
 UNKNOWN_PEER_LOG_BYTES = 1 << 20   # membership log a key not (yet) in our log may send: its admission chain
 SEND_CHUNK = 64 * 1024  # writes progress chunk by chunk; one chunk per idle timeout is the slowest reader kept
-DECODE_THREADS = 4      # large frames decoded at once in worker threads, over all sessions of the process
+DECODE_THREADS = 2      # large frames decoded at once in worker threads, over all sessions of the process
+                        # (each may hold ~40 MB of decoded objects before it is refused)
 CONTROL_QUEUE = 4       # Pings and Pongs waiting for the send lock; more are dropped
 GIL_SWITCH_INTERVAL = 0.001  # s: how long a decoding thread may keep the event loop from the GIL (default 5 ms)
 
