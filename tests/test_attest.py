@@ -154,3 +154,14 @@ def test_a_value_written_behind_captures_back_is_not_sent_and_the_rest_of_its_ve
     assert rows == [(1, "one")]          # row 2 waits for reconciliation (issue 11); nothing forged applied
     a.close()
     b.close()
+
+
+def test_a_proof_that_does_not_verify_is_counted_and_one_nothing_needs_is_not_checked():
+    cs = version(A[0], 3, [(1, "a")])
+    good = signed(cs)
+    forged = good._replace(signature=bytes(64))
+    out = attest(Batch(tuple(cs), (), (forged,)), VERIFIER, HASH)
+    assert out.bad_proofs == 1 and out.refused == {A[0]: 1}
+    unrelated = signed(version(B[0], 9, [(5, "b")]))._replace(signature=bytes(64))
+    out = attest(Batch(tuple(cs), (), (good, unrelated)), VERIFIER, HASH)
+    assert out.bad_proofs == 0 and out.batch.changes == tuple(cs)   # not needed by the batch: never verified

@@ -118,16 +118,20 @@ def test_an_empty_batch_claiming_every_version_moves_no_vector(lab, whose):
 
 
 def test_a_change_under_another_members_site_id_is_refused(lab):
-    """M sends a change as F's (with F's next db version, a range, and a signature of its own)."""
+    """M sends a change as F's (with F's next db version and a range): unsigned, refused; then with a
+    signature of M's own key claiming to be F's, refused too, and -- a proof that does not verify is
+    something no honest peer forwards -- the session is closed."""
     a, f, m = lab.all
     k = next_key(a) + 100
     dbv = vv_of(a).get(f.site, 0) + 1
     forged = Change("items", (k,), site(f), dbv, (int(time.time() * 1000) << 16), True, ("name",), ("forged as F",))
     unsigned = Batch((forged,), (Range(site(f), dbv - 1, dbv),))
-    signed_by_m = signed(m.home, [forged], [Range(site(f), dbv - 1, dbv)])   # M's key, F's site id
+    signed_by_m = signed(m.home, [forged], [Range(site(f), dbv - 1, dbv)])
+    signed_by_m = Batch(signed_by_m.changes, signed_by_m.ranges,
+                        tuple(p._replace(site=site(f)) for p in signed_by_m.proofs))   # M's key, F's site id
     refused = counters(a).get("changes_unattested", 0)
     got = send_as(m, [unsigned, signed_by_m])
-    assert not codes(got)
+    assert codes(got) == ["unattested"], got
     assert a.row(k) is None and vv_of(a).get(f.site, 0) == dbv - 1
     assert counters(a)["changes_unattested"] == refused + 2
     assert "that no valid signature of their origin covers" in a.log()

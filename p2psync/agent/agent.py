@@ -168,7 +168,7 @@ class Agent:
 
     def check_attested(self, conn: Connection, result) -> None:
         """Count, log and (for what the peer sent as its own) end the session over unattested input."""
-        if not (result.refused or result.cut or result.conflicts):
+        if not (result.refused or result.cut or result.conflicts or result.bad_proofs):
             return
         refused = sum(result.refused.values())
         self.counters["changes_unattested"] = self.counters.get("changes_unattested", 0) + refused
@@ -181,6 +181,9 @@ class Agent:
             log.warning("%s claimed versions of %s up to %d, but only up to %d are signed by it; "
                         "the version vector moved no further", conn.label, self.members.who(site), claimed, kept)
         own = getattr(conn, "peer_site", None)
+        if result.bad_proofs:   # every device and relay checks proofs before keeping them: only a forger sends one
+            raise RemoteProtocolError("unattested", f"sent {result.bad_proofs} version proofs whose signature does "
+                                                    f"not verify; connection closed")
         if own is not None and (own in result.refused or own in result.cut):
             raise RemoteProtocolError("unattested", "sent changes or versions as its own that its signature "
                                                     "does not cover; connection closed")

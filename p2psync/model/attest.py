@@ -171,6 +171,7 @@ class Attested:
     reasons: list[str] = field(default_factory=list)          # one sentence per refused version
     cut: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # site -> (range end claimed, end kept)
     conflicts: list[Proof] = field(default_factory=list)  # valid proofs of versions known here with another root
+    bad_proofs: int = 0     # proofs whose signature does not verify: no honest sender forwards one
 
     @property
     def refused_changes(self) -> int:
@@ -195,11 +196,13 @@ def attest(batch: Batch, verifier: Verifier, hasher: Callable[[Change], list[byt
         by_version.setdefault((c.site, c.dbv), []).append(c)
     proofs: dict[tuple[bytes, int], Proof] = {}
     out = Attested(batch)
+    needed = set(by_version) | {(r.site, r.hi) for r in batch.ranges}
     for p in getattr(batch, "proofs", ()) or ():
         key = (p.site, p.dbv)
-        if key in proofs:
-            continue
+        if key in proofs or key not in needed:
+            continue   # a proof nothing in the batch needs is not worth a signature check
         if not verifier.valid(p):
+            out.bad_proofs += 1
             out.reasons.append(f"a proof of version {p.dbv} of {p.site.hex()[:12]} does not verify")
             continue
         proofs[key] = p

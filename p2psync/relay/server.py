@@ -145,7 +145,7 @@ class SessionContext:
     def on_applied(self, conn: Connection, batch, result) -> None:
         if result.cells_won or batch.ranges:
             self.bus.notify()
-        if result.refused or result.cut or result.conflicts:
+        if result.refused or result.cut or result.conflicts or result.bad_proofs:
             refused = sum(result.refused.values())
             self.relay.counters["changes_unattested"] = self.relay.counters.get("changes_unattested", 0) + refused
             self.relay.counters["ranges_cut"] = self.relay.counters.get("ranges_cut", 0) + len(result.cut)

@@ -20,6 +20,7 @@ class ApplyResult:
     refusals: tuple = ()        # one sentence per version refused, for the log
     cut: dict = field(default_factory=dict)        # site -> (range end claimed, end kept): unattested ranges
     conflicts: int = 0          # versions signed twice with different contents (a clone or a rollback)
+    bad_proofs: int = 0         # proofs with a signature that does not verify (a forger: honest peers check first)
 
 
 @dataclass(frozen=True)

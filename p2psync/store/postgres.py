@@ -289,7 +289,7 @@ class PostgresStore:
         if att is None:
             return ApplyResult(cells_won=len(rows), held=0, vv=vv)
         return ApplyResult(cells_won=len(rows), held=0, vv=vv, refused=att.refused, refusals=tuple(att.reasons),
-                           cut=att.cut, conflicts=len(att.conflicts))
+                           cut=att.cut, conflicts=len(att.conflicts), bad_proofs=att.bad_proofs)
 
     def _known_root(self, conn, site: bytes, dbv: int) -> bytes | None:
         row = conn.execute("SELECT root FROM p2p_versions WHERE grp = %s AND site = %s AND dbv = %s",

@@ -373,7 +373,8 @@ class SqliteStore:
         if att is None:
             return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv)
         return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv, refused=att.refused,
-                           refusals=tuple(att.reasons), cut=att.cut, conflicts=len(att.conflicts))
+                           refusals=tuple(att.reasons), cut=att.cut, conflicts=len(att.conflicts),
+                           bad_proofs=att.bad_proofs)
 
     def _store_proofs(self, att) -> None:
         self.conn.executemany("INSERT OR IGNORE INTO _p2p_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
