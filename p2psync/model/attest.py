@@ -89,6 +89,8 @@ def leaf_hasher(key: bytes) -> Callable[[Change], list[bytes]]:
             name = names.get(col)
             if name is None:
                 name = names[col] = pack(col)
+            if v == 0.0 and type(v) is float:
+                v = 0.0   # -0.0 and 0.0: SQLite's IS holds them equal, so capture sees no change between them
             h = copy()
             h.update(row)
             h.update(name)
