@@ -55,10 +55,10 @@ def counters(dev) -> dict:
     return dev.status()["counters"]
 
 
-def send_as(dev, batches: list[Batch], wait_acks: bool = True) -> list:
+def send_as(lab, dev, batches: list[Batch], wait_acks: bool = True) -> list:
     """A session to A as member ``dev``: Hello (claiming A's vector, so A sends us nothing), then
     ``batches``; the events A sent until it closed the session or acked the last batch."""
-    a = LAB.all[0]
+    a = lab.all[0]
     who = Identity.of(dev.home)
 
     async def session():
@@ -78,13 +78,6 @@ def send_as(dev, batches: list[Batch], wait_acks: bool = True) -> list:
     return trio.run(session)
 
 
-@pytest.fixture(autouse=True)
-def _lab_global(lab):
-    global LAB
-    LAB = lab
-    yield
-
-
 def codes(events) -> list[str]:
     return [e.code for e in events if type(e) is Error]
 
@@ -102,7 +95,7 @@ def test_an_empty_batch_claiming_every_version_moves_no_vector(lab, whose):
     target = a if whose.startswith("the receiver") else f
     before = vv_of(a).get(target.site, 0)
     cut = counters(a).get("ranges_cut", 0)
-    got = send_as(m, [Batch((), (Range(site(target), 0, TOP),))])
+    got = send_as(lab, m, [Batch((), (Range(site(target), 0, TOP),))])
     assert not codes(got), codes(got)          # a claim about another site: refused, the session goes on
     assert vv_of(a).get(target.site, 0) == before
     assert counters(a)["ranges_cut"] == cut + 1
@@ -130,7 +123,7 @@ def test_a_change_under_another_members_site_id_is_refused(lab):
     signed_by_m = Batch(signed_by_m.changes, signed_by_m.ranges,
                         tuple(p._replace(site=site(f)) for p in signed_by_m.proofs))   # M's key, F's site id
     refused = counters(a).get("changes_unattested", 0)
-    got = send_as(m, [unsigned, signed_by_m])
+    got = send_as(lab, m, [unsigned, signed_by_m])
     assert codes(got) == ["unattested"], got
     assert a.row(k) is None and vv_of(a).get(f.site, 0) == dbv - 1
     assert counters(a)["changes_unattested"] == refused + 2
@@ -142,7 +135,7 @@ def test_a_member_sending_unsigned_changes_as_its_own_is_cut_off(lab):
     a, f, m = lab.all
     k = next_key(a) + 200
     mine = Change("items", (k,), site(m), 1, (int(time.time() * 1000) << 16), True, ("name",), ("unsigned",))
-    got = send_as(m, [Batch((mine,), (Range(site(m), 0, 1),))], wait_acks=False)
+    got = send_as(lab, m, [Batch((mine,), (Range(site(m), 0, 1),))], wait_acks=False)
     assert codes(got) == ["unattested"], got
     assert a.row(k) is None
 
@@ -154,7 +147,7 @@ def test_a_members_own_signed_change_is_applied(lab):
     start = int(vv_of(a).get(m.site, 0))
     mine = Change("items", (k,), site(m), start + 1, (int(time.time() * 1000) << 16), True, ("name",),
                   ("signed by M",))
-    got = send_as(m, [signed(m.home, [mine], [Range(site(m), start, start + 1)])])
+    got = send_as(lab, m, [signed(m.home, [mine], [Range(site(m), start, start + 1)])])
     assert not codes(got), got
     assert a.row(k) is not None
     wait_until(lambda: f.row(k) is not None, what="A to forward M's signed change to F")
@@ -170,7 +163,7 @@ def test_a_version_sent_in_part_is_not_applied(lab):
     rows = [Change("items", (k + i,), site(m), start + 1, now, True, ("name",), (f"row {i}",)) for i in range(2)]
     whole = signed(m.home, rows, [Range(site(m), start, start + 1)])
     part = Batch(whole.changes[:1], whole.ranges, whole.proofs)
-    got = send_as(m, [part], wait_acks=False)
+    got = send_as(lab, m, [part], wait_acks=False)
     assert codes(got) == ["unattested"]       # M sent it as its own
     assert a.row(k) is None and int(vv_of(a).get(m.site, 0)) == start
 

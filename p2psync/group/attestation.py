@@ -6,6 +6,13 @@ from ..model.attest import Signer, Verifier, cell_key, leaf_hasher
 from .members import GroupMembers
 
 
+def verifier_for(state) -> Verifier:
+    """A Verifier over the signing keys of every device a resolved membership ever added (removed
+    ones too: their versions up to their cap still count; ``GroupMembers.screen`` applies the cap)."""
+    keys = {s: m.sign_pub for s, m in state.members.items()} if state is not None else {}
+    return Verifier(state.group if state is not None else b"", keys)
+
+
 class Attestation:
     """Signer and verifier for one device, rebuilt when the membership log changes.
 
@@ -34,7 +41,7 @@ class Attestation:
         if self._hasher is None:
             self._hasher = leaf_hasher(key)
             self.signer = Signer(m.state.group, m.site, self._sign_private, key)
-        self._verifier = Verifier(m.state.group, {s: rec.sign_pub for s, rec in m.state.members.items()})
+        self._verifier = verifier_for(m.state)
         self._state = m.state
         return True
 

@@ -55,7 +55,7 @@ from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
 from ..net.store_worker import StoreWorker, wall_ms
 from ..noise import agent_handshake
-from ..model.attest import Verifier
+from ..group.attestation import verifier_for
 from ..protocol import Error, RemoteProtocolError, encode_event
 from ..protocol.relay_preamble import PREAMBLE_LEN, BadPreamble, parse_preamble, relay_prologue
 from ..store import StoreError
@@ -117,8 +117,7 @@ class SessionContext:
         check of signed versions; the relay sees no cells, so there is no leaf hasher)."""
         st = self.members.state
         if self._cached is None or self._cached[0] is not st:
-            keys = {s: m.sign_pub for s, m in st.members.items()} if st is not None else {}
-            self._cached = (st, Verifier(st.group if st is not None else b"", keys))
+            self._cached = (st, verifier_for(st))
         return self._cached[1], None
 
     wall_ms = staticmethod(wall_ms)

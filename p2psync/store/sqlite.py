@@ -243,15 +243,18 @@ class SqliteStore:
         with self._write():
             return self._sign_own()
 
-    def _unsigned(self) -> bool:
+    def _last_signed(self) -> int:
+        """Our newest db version with a stored proof (0 if none)."""
         top = self.conn.execute("SELECT max(dbv) FROM _p2p_versions WHERE site = ?", (self.site_id,)).fetchall()[0][0]
-        return (top or 0) < self._state()[0]
+        return top or 0
+
+    def _unsigned(self) -> bool:
+        return self._last_signed() < self._state()[0]
 
     def _sign_own(self) -> int:
         """Sign our versions after the last one signed (in the caller's write transaction); how many."""
         dbv = self._state()[0]
-        last = self.conn.execute("SELECT max(dbv) FROM _p2p_versions WHERE site = ?", (self.site_id,)).fetchall()[0][0]
-        last = last or 0
+        last = self._last_signed()
         if last >= dbv:
             return 0
         reader = ChangeReader(self.conn, self.specs, self.version_vector())
