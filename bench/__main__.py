@@ -1,4 +1,4 @@
-"""Run the benchmarks: python -m bench [store|sync|lan|relay|membership|soak|slow|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|relay|membership|attest|capture|backup|soak|slow|all]."""
 
 import subprocess
 import sys
@@ -28,6 +28,10 @@ from . import membership_bench  # noqa: E402
 SUITES["membership"] = membership_bench.run
 from . import attest_bench  # noqa: E402
 SUITES["attest"] = attest_bench.run
+from . import capture_bench  # noqa: E402
+SUITES["capture"] = capture_bench.run
+from . import backup_bench  # noqa: E402
+SUITES["backup"] = backup_bench.run
 from . import soak_bench  # noqa: E402
 SUITES["soak"] = soak_bench.run
 SUITES["slow"] = slow_tests

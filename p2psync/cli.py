@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("track", parents=[common], help="start syncing tables (existing rows included)")
     c.add_argument("tables", nargs="+", metavar="TABLE")
 
+    c = sub.add_parser("backup", parents=[common], help="consistent copy of the database and its sync state "
+                       "(the agent may run)")
+    c.add_argument("dest", metavar="DEST", help="the file to write")
+    c.add_argument("--force", action="store_true", help="replace DEST if it exists")
+
+    c = sub.add_parser("restore", parents=[common], help="put a backup of this device back (agent stopped)")
+    c.add_argument("src", metavar="SRC", help="a file written by `p2psync backup` on this device")
+    c.add_argument("--db", metavar="PATH", help="the database to restore into (default: this device's)")
+
     c = sub.add_parser("run", parents=[common], help="run the agent in the foreground")
     c.add_argument("--listen", metavar="HOST:PORT")
     c.add_argument("--peer", action="append", metavar="HOST:PORT", help="static peer (repeatable)")
@@ -114,7 +123,7 @@ def _now_ms() -> int:
 
 def _open(device) -> tuple[SqliteStore, GroupMembers]:
     store = SqliteStore(device.db_path, device.site_id)
-    members = GroupMembers(device.found, device.site_id, device.static_private)
+    members = GroupMembers(device.found, device.site_id, device.static_private, device.retired)
     members.load(store.member_events())
     return store, members
 
@@ -439,6 +448,38 @@ def cmd_track(args) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args) -> int:
+    from .store.backup import backup
+
+    device = load_device(_home(args))
+    r = backup(device.db_path, Path(args.dest), force=args.force)
+    print(f"backed up {device.db_path} to {r.dest}: {r.rows} rows, {r.pages} pages, {r.bytes / 2**20:.1f} MiB "
+          f"in {r.seconds:.2f} s, integrity check ok")
+    return EXIT_OK
+
+
+def cmd_restore(args) -> int:
+    from .agent.control import AgentNotRunning, request
+    from .store.backup import restore
+
+    home = _home(args)
+    device = load_device(home)
+    try:
+        request(home / "agent.sock", {"cmd": "status"})
+    except AgentNotRunning:
+        pass
+    except ControlError as e:
+        raise RuntimeError(f"cannot tell whether an agent is running for {home} ({e}); make sure it is stopped, "
+                           f"then run restore again") from None
+    else:
+        raise RuntimeError(f"an agent is running for {home}; stop it (Ctrl-C, or `systemctl --user stop p2psync`) "
+                           f"and run restore again")
+    r = restore(Path(args.src), Path(args.db).absolute() if args.db else device.db_path, device.site_id)
+    kept = f"; the previous database is kept as {r.kept}" if r.kept else ""
+    print(f"restored {r.db} from {r.src}: {r.rows} rows, {r.pages} pages in {r.seconds:.2f} s{kept}")
+    return EXIT_OK
+
+
 def cmd_run(args) -> int:
     from .agent.agent import run_agent
 
@@ -528,7 +569,8 @@ def cmd_relay(args) -> int:
 
 COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "invites": cmd_invites, "track": cmd_track,
             "run": cmd_run, "status": cmd_status, "release": cmd_release, "relay-token": cmd_relay_token,
-            "relay": cmd_relay, "devices": cmd_devices, "remove": cmd_remove, "role": cmd_role}
+            "relay": cmd_relay, "devices": cmd_devices, "remove": cmd_remove, "role": cmd_role,
+            "backup": cmd_backup, "restore": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 CONFIG_FILE = "config.toml"
 DEFAULT_PORT = 7733
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_CLOCK_SKEW_RANGE = (0.001, 365 * 86400.0)   # seconds: a millisecond to a year (ports: 1-65535, listen 0-65535)
+MAX_CLOCK_SKEW_RANGE = (0.001, 365 * 86400.0)
+RECONCILE_INTERVAL_RANGE = (1.0, 7 * 86400.0)   # seconds: a second to a week   # seconds: a millisecond to a year (ports: 1-65535, listen 0-65535)
 
 HostPort = tuple[str, int]
 
@@ -30,6 +31,8 @@ _FLAGS = {
     "log_level": "--log-level",
     "mdns": "--no-mdns",
     "max_clock_skew": "--max-clock-skew",
+    "track_new_columns": "track_new_columns",      # config file only
+    "reconcile_interval": "reconcile_interval",    # config file only
 }
 
 
@@ -48,6 +51,8 @@ class Config:
     log_level: str = "info"
     mdns: bool = True
     max_clock_skew: float = 60.0
+    track_new_columns: bool = True      # columns added to a tracked table are synced at once
+    reconcile_interval: float = 600.0   # seconds between passes looking for writes capture missed
 
     def override(self, **cli_values: object) -> Config:
         """This config with the given command-line values (None = flag not given) in place.
@@ -190,7 +195,7 @@ def _log_level(value: object, where: str) -> str:
     raise ConfigError(f"{_at(where, shown)}: expected one of {', '.join(LOG_LEVELS)}")
 
 
-def _mdns(value: object, where: str) -> bool:
+def _boolean(value: object, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
     return value
@@ -206,6 +211,16 @@ def _max_clock_skew(value: object, where: str) -> float:
     if not low <= value <= high:
         raise ConfigError(f"{_at(where, shown)}: out of range; expected a number of seconds from "
                           f"{low:g} to {high:.0f} (one year)")
+    return float(value)
+
+
+def _reconcile_interval(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a number of seconds, got {_kind(value)}")
+    low, high = RECONCILE_INTERVAL_RANGE
+    if not low <= value <= high:
+        raise ConfigError(f"{_at(where, _number(value))}: out of range; expected a number of seconds from "
+                          f"{low:g} to {high:.0f} (a week)")
     return float(value)
 
 
@@ -238,6 +253,8 @@ _VALIDATORS = {
     "interfaces": _interfaces,
     "relay": _relay,
     "log_level": _log_level,
-    "mdns": _mdns,
+    "mdns": _boolean,
     "max_clock_skew": _max_clock_skew,
+    "track_new_columns": _boolean,
+    "reconcile_interval": _reconcile_interval,
 }

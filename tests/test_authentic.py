@@ -169,8 +169,9 @@ def test_a_version_sent_in_part_is_not_applied(lab):
 
 
 def test_a_restored_backup_catches_up_on_its_own_versions_and_reuses_none(lab, tmp_path):
-    """A is restored from a backup of itself (agent stopped, file copied back): its later versions come
-    back from F, verified against A's own signature, and its next write gets a new db version."""
+    """A is restored from a backup of itself (agent stopped, file copied back): it continues under a
+    new site id (agent/incarnation.py), its later versions come back from F, verified against the old
+    site's signature, and its next write is a version of the new site: no db version is reused."""
     a, f, m = lab.all
     k = next_key(a) + 500
     lab.stop(a)
@@ -180,16 +181,20 @@ def test_a_restored_backup_catches_up_on_its_own_versions_and_reuses_none(lab, t
     for i in range(3):
         a.execute("INSERT INTO items(id, name) VALUES (?, 'written after the backup')", (k + i,))
     wait_until(lambda: all(f.row(k + i) is not None for i in range(3)), what="F to get A's writes")
-    lost_top = vv_of(a).get(a.site, 0)
+    old_site = a.site
+    lost_top = vv_of(a).get(old_site, 0)
     lab.stop(a)
     for suffix in ("-wal", "-shm"):
         (a.db.parent / (a.db.name + suffix)).unlink(missing_ok=True)
     shutil.copy(backup, a.db)
     lab.start(a, peers=[f])
     wait_until(lambda: all(a.row(k + i) is not None for i in range(3)), what="A to get its own writes back")
-    assert vv_of(a).get(a.site, 0) >= lost_top
+    new_site = a.status()["device"]["site"]
+    assert new_site != old_site
+    assert vv_of(a).get(old_site, 0) >= lost_top
     a.execute("INSERT INTO items(id, name) VALUES (?, 'after the restore')", (k + 10,))
     wait_until(lambda: f.row(k + 10) is not None, what="A's new write to reach F")
-    assert vv_of(a).get(a.site, 0) > lost_top            # a new db version: none reused
-    assert lab.rows_equal(a, f) if hasattr(lab, "rows_equal") else a.rows() == f.rows()
+    assert vv_of(f).get(old_site, 0) == lost_top              # the old site's versions: none reused
+    assert vv_of(f).get(new_site, 0) >= 1
+    assert a.rows() == f.rows()
     lab.check_alive()

@@ -67,7 +67,7 @@ def statements(draw):
                                  "ins2", "rep2", "upd2", "upd2", "del2", "key2", "upsert2"]))
     if kind in ("ins1", "rep1"):
         verb = "INSERT OR IGNORE" if kind == "ins1" else "INSERT OR REPLACE"
-        return f"{verb} INTO t1 VALUES (?, ?, ?, ?, ?)", (draw(IDS),) + tuple(draw(VALUES) for _ in T1_COLS)
+        return f"{verb} INTO t1(id, s, n, r, b) VALUES (?, ?, ?, ?, ?)", (draw(IDS),) + tuple(draw(VALUES) for _ in T1_COLS)
     if kind == "upd1":
         cols = draw(st.lists(st.sampled_from(T1_COLS), min_size=1, max_size=4, unique=True))
         return f"UPDATE t1 SET {_set(cols, None)} WHERE id = ?", tuple(draw(VALUES) for _ in cols) + (draw(IDS),)

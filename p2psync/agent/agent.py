@@ -36,6 +36,7 @@ from ..net.bus import ChangeBus
 from ..net.store_worker import StoreWorker, wall_ms
 from ..protocol.prologue import device_prologue
 from ..protocol import RemoteProtocolError
+from ..identity.succession import write_record
 from ..store import SqliteStore
 from .control import serve_control
 from .group_service import GroupService
@@ -106,7 +107,11 @@ class Agent:
         self.bus = ChangeBus()
         self.site_id = device.site_id
         self.static_public = device.static_public
+        self.store.track_new_columns = config.track_new_columns
+        self.incarnation_notice: str | None = None   # set when this start continued under a new site id
+        self.store.on_stamped = self._record_stamp
         self.schema = self.store.schema_fingerprint()
+        self._schema_changes = self.store.schema_changes
         self.links: dict[bytes, Link] = {}
         self.dialers: dict[str, DialState] = {}
         self.counters = {"handshake_failures": 0, "protocol_errors": 0, "batches_applied": 0,
@@ -124,6 +129,15 @@ class Agent:
         self._unsigned_warned = False
 
     wall_ms = staticmethod(wall_ms)
+
+    def _record_stamp(self, dbv: int) -> None:
+        """After every committed stamp: the home remembers it (identity/succession.py), so a database
+        restored to before it is noticed at the next start. A failure to write is logged, not fatal."""
+        try:
+            write_record(self.device.home, self.store.site_id, self.store.incarnation()[0], dbv)
+        except OSError as e:
+            log.error("cannot record the newest db version in %s: %s (a restored database might then go "
+                      "unnoticed until peers report it)", self.device.home, e)
 
     # -- callbacks from connections ----------------------------------------
 
@@ -421,6 +435,11 @@ class Agent:
             self.counters["stamp_errors"] += 1
             log.error("stamping local writes failed (will retry): %s", e)
             return False
+        if self.store.schema_changes != self._schema_changes:   # the schema check changed what is tracked
+            self._schema_changes = self.store.schema_changes
+            self.schema = self.store.schema_fingerprint()
+            if await self.worker.release_held(False):        # held cells of columns tracked now
+                self.bus.notify()
         if n is not None:
             log.debug("stamped local writes as db version %d", n)
             if self.store.signer is None and not self._unsigned_warned:
@@ -466,6 +485,25 @@ class Agent:
                         await watcher.wait_changed()
                     step = step + 1 if pause.cancelled_caught else 0
 
+    async def _reconcile(self) -> None:
+        """Look for writes capture did not see: at start, then every ``reconcile_interval`` if anything
+        was committed since the last look (a client with triggers off changes no schema version)."""
+        last = None
+        while True:
+            dv = await self.worker.data_version()
+            if dv != last:
+                try:
+                    found = await self.worker.call(self.store.reconcile, wall_ms())
+                except Exception as e:   # the application holding the write lock, a full disk
+                    self.counters["stamp_errors"] += 1
+                    log.error("looking for writes capture missed failed (will retry): %s", e)
+                    found = None
+                else:
+                    last = await self.worker.data_version()
+                if found:
+                    self.bus.notify()
+            await trio.sleep(self.config.reconcile_interval)
+
     async def _retry_held(self) -> None:
         while True:
             await trio.sleep(HELD_RETRY_INTERVAL)
@@ -507,7 +545,8 @@ class Agent:
         for key, link in self.links.items():
             peers.append({"address": link.address, "state": "connected", "key": key.hex()[:16],
                           "name": self.members.name_of(link.conn.member.site) if link.conn.member else None,
-                          "connected_for_s": round(now - link.since, 1), **link.conn.status(vv)})
+                          "connected_for_s": round(now - link.since, 1),
+                          "schema_differs": link.conn.peer_schema not in (None, self.schema), **link.conn.status(vv)})
         for name, st in self.dialers.items():
             if st.state not in ("connected", "gone") and st.peer_key not in self.links:
                 peers.append({"address": name, "state": st.state, "last_error": st.last_error})
@@ -519,6 +558,7 @@ class Agent:
             "device": {"name": self.device.name, "site": self.site_id.hex(), "db": str(self.device.db_path)},
             "group": self.device.group_id.hex(),
             "state": "removed" if self.removed else "syncing",
+            "incarnation": self.incarnation_notice,
             "membership": self.group.status(vv),
             "listen": f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None,
             "version_vector": {s.hex(): n for s, n in vv.items()},
@@ -528,6 +568,7 @@ class Agent:
                      "paused": [p.advice(self.members.who(p.site)) for p in await self.worker.held_pauses()]},
             "counters": counters,
             "authenticity": await self._authenticity(),
+            "capture": await self.worker.call(self.store.capture_state),
         }
 
     async def _authenticity(self) -> dict:
@@ -560,6 +601,7 @@ class Agent:
             await n.start(serve_control, self.device.home / "agent.sock", self._control)
             n.start_soon(self._watch_db)
             n.start_soon(self._retry_held)
+            n.start_soon(self._reconcile)
             if self.config.relay:
                 h, p = self.config.relay
                 self.relay_state = RelayState(f"{h}:{p}")
@@ -626,7 +668,10 @@ def _count(items) -> dict:
 def run_agent(device: Device, config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT; the process exit status."""
     setup_logging(config.log_level)
+    from .incarnation import ensure_incarnation
+    device, notice = ensure_incarnation(device)   # before anything is sent (agent/incarnation.py)
     agent = Agent(device, config)
+    agent.incarnation_notice = notice
     # Batches create ~300k short-lived objects per 100k changes; the default
     # gen-0 threshold makes the collector rescan them over and over.
     gc.freeze()

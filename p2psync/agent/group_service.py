@@ -44,7 +44,8 @@ class GroupService:
     def __init__(self, agent):
         self.agent = agent
         self.device = agent.device
-        self.members = GroupMembers(self.device.found, self.device.site_id, self.device.static_private)
+        self.members = GroupMembers(self.device.found, self.device.site_id, self.device.static_private,
+                                     self.device.retired)
         self.members.load(agent.store.member_events())
         self.mark = agent.store.member_mark()
         self.attestation = Attestation(self.members, self.device.sign_private)

@@ -14,6 +14,8 @@ def format_status(st: dict) -> str:
              f"database {d['db']}",
              f"listen   {st.get('listen') or '-'}",
              f"tracked  {', '.join(st.get('tracked') or []) or '(none: run `p2psync track TABLE`)'}"]
+    if st.get("incarnation"):
+        lines.append(f"notice   {st['incarnation']}")
     if m.get("removed"):
         lines.append(f"REMOVED  {m['removed']}")
     for n in m.get("notices", []):
@@ -39,7 +41,19 @@ def format_status(st: dict) -> str:
                      f"a tampered relay database or a hostile member)")
     for c in auth.get("conflicts", []):
         lines.append(f"CLONE?   {c}")
+    cap = st.get("capture") or {}
+    for p in cap.get("problems", []):
+        lines.append(f"STOPPED  {p['message']}")
+    for table, cols in (cap.get("untracked_columns") or {}).items():
+        lines.append(f"notice   columns {', '.join(map(repr, cols))} of table {table!r} are not synced "
+                     f"(track_new_columns is off); `p2psync track {table}` syncs them")
+    for f in (cap.get("found") or [])[-3:]:
+        lines.append(f"found    {f['sentence']}")
     peers = st.get("peers", [])
+    differ = [p["address"] for p in peers if p.get("schema_differs")]
+    if differ:
+        lines.append(f"schema   {', '.join(differ)} track{'s' if len(differ) == 1 else ''} other tables or columns "
+                     f"than this device: cells of columns missing here are held until this device has them")
     lines.append(f"peers    {sum(p['state'] == 'connected' for p in peers)} connected")
     for p in peers:
         name = ("relay " if p.get("relay") else "") + p["address"]

@@ -42,13 +42,18 @@ def _open_payload(data: bytes) -> list[tuple[bytes, bytes]]:
 class KeyRing:
     """The epoch keys one device holds in one state of the membership log."""
 
-    def __init__(self, membership: Membership, site: bytes, dh_private: bytes, epoch_parents: dict):
-        """``epoch_parents``: epoch event hash -> the epoch events in its causal past (from the log)."""
+    def __init__(self, membership: Membership, site: bytes, dh_private: bytes, epoch_parents: dict,
+                 retired: tuple[tuple[bytes, bytes], ...] = ()):
+        """``epoch_parents``: epoch event hash -> the epoch events in its causal past (from the log).
+        ``retired``: (site, X25519 private key) of the sites this device continued from (a successor
+        event): boxes sealed to them before it moved on are this device's too."""
         self.group_id = membership.group
         self.secrets: dict[bytes, bytes] = {}
-        for event_hash, covered, box in membership.boxes.get(site, ()):
+        owners = [(site, dh_private)] + list(retired)
+        boxes = [(s, k, b) for s, k in owners for b in membership.boxes.get(s, ())]
+        for box_site, key, (event_hash, covered, box) in boxes:
             try:
-                pairs = _open_payload(open_box(dh_private, box, self.group_id, site))
+                pairs = _open_payload(open_box(key, box, self.group_id, box_site))
             except (BoxError, ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
                 log.warning("a key box for this device in membership event %s does not open; ignored",
                             event_hash.hex()[:12])

@@ -71,8 +71,10 @@ def decode_members(encoded: list[bytes], keys: dict[bytes, bytes]) -> DecodedMem
 class GroupMembers:
     """One group's membership log, resolved, with this device's keys (or none, at a relay)."""
 
-    def __init__(self, found: bytes, site: bytes | None = None, dh_private: bytes | None = None):
+    def __init__(self, found: bytes, site: bytes | None = None, dh_private: bytes | None = None,
+                 retired: tuple[tuple[bytes, bytes], ...] = ()):
         self.found, self.site, self._dh_private = found, site, dh_private
+        self._retired = tuple(retired)   # (site, dh private) this device continued from (identity/succession.py)
         self.log = MembershipLog(found)
         self.malformed = 0
         self.state: Membership | None = None
@@ -122,7 +124,7 @@ class GroupMembers:
     def _refresh(self) -> None:
         self.state = self.log.state()
         if self.site is not None and self._dh_private is not None:
-            self.keys = KeyRing(self.state, self.site, self._dh_private, self._epoch_parents())
+            self.keys = KeyRing(self.state, self.site, self._dh_private, self._epoch_parents(), self._retired)
 
     def _epoch_parents(self) -> dict[bytes, frozenset]:
         """Epoch event hash -> every valid epoch event in its causal past."""

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 DEVICE_FILE = "device.json"
 KEYS_FILE = "keys.json"
+RETIRED_FILE = "retired.json"   # keys of the sites this device continued from
 FILE_VERSION = 2
 SITE_ID_LEN = 16
 GROUP_ID_LEN = 16
@@ -85,6 +86,8 @@ class Device:
     sign_private: bytes = field(repr=False)
     group_id: bytes
     found: bytes          # hash of the group's found event
+    # (site id, X25519 private key) of the sites this device continued from (identity/succession.py)
+    retired: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check_bytes("site_id", self.site_id, SITE_ID_LEN)
@@ -169,7 +172,21 @@ def load_device(home: Path) -> Device:
         sign_private=_hex_field(keys, "sign_private", KEY_LEN, keys_path),
         group_id=_hex_field(info, "group_id", GROUP_ID_LEN, device_path),
         found=_hex_field(info, "found", HASH_LEN, device_path),
+        retired=_retired(home / RETIRED_FILE),
     )
+
+
+def _retired(path: Path) -> tuple[tuple[bytes, bytes], ...]:
+    """The keys of sites this device continued from (``retired.json``; none if absent)."""
+    if not path.exists():
+        return ()
+    _check_private(path)
+    data = _read_json(path)
+    items = data.get("sites")
+    if not isinstance(items, list):
+        raise IdentityError(_corrupt(path, "sites must be a list"))
+    return tuple((_hex_field(i, "site_id", SITE_ID_LEN, path), _hex_field(i, "static_private", KEY_LEN, path))
+                 for i in items if isinstance(i, dict))
 
 
 def refuse_existing(home: Path) -> None:

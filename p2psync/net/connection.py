@@ -178,6 +178,7 @@ class Connection:
         self._control, self._control_queue = trio.open_memory_channel(CONTROL_QUEUE)   # Pings and Pongs
         self.peer: PeerSync | None = None
         self.peer_site: bytes | None = None
+        self.peer_schema: bytes | None = None   # fingerprint of the tables the peer tracks (its Hello)
         self._send_lock = trio.Lock()
         self._hello = trio.Event()
         self._window = trio.Event()
@@ -511,6 +512,7 @@ class Connection:
                         await self._take_members(ev.events)
                 elif t is Hello:
                     self.peer_site = ev.site_id
+                    self.peer_schema = ev.schema
                     self.peer_vv = ev.vv
                     self.peer = PeerSync(ev.vv, max_staged_bytes=self.settings.max_staged_bytes)
                     if self.member is not None and ev.site_id != self.member.site:

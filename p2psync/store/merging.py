@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import apsw
 
+from . import digests
 from ..model import Change
 from ..model.merge import compare_clocks, value_wins
 from .ddl import TableSpec, q
@@ -99,8 +100,9 @@ def existing_keys(conn: apsw.Connection, spec: TableSpec, keys: list[tuple]) -> 
 class TableMerge:
     """Merges a list of changes into one table within the caller's transaction."""
 
-    def __init__(self, conn: apsw.Connection, spec: TableSpec, sites: SiteMap):
+    def __init__(self, conn: apsw.Connection, spec: TableSpec, sites: SiteMap, *, digest: bool = True):
         self.conn, self.spec, self.sites = conn, spec, sites
+        self.digest = digest    # refresh the digests of the rows written (store/digests.py)
         self.col_index = {c: i for i, c in enumerate(spec.cols)}
         self.cells_won = 0
         self.max_hlc = 0
@@ -135,6 +137,7 @@ class TableMerge:
         all_cols = tuple(range(ncols))
         updates: dict[tuple[int, ...], list] = defaultdict(list)
         orphan_set, orphan_del = [], []
+        d_full, d_gone, d_partial = [], [], defaultdict(list)   # rows whose digests to refresh (digests.refresh)
         won = 0
         max_hlc = self.max_hlc
         has_orphans = bool(self.conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall())
@@ -170,6 +173,7 @@ class TableMerge:
                 meta_rows.append(pk + tuple(regs))
                 if ch.alive:
                     inserts[slots].append(pk + tuple(ch.values))
+                    d_full.append(pk)
                 elif ch.alive is None:
                     for i, v in zip(slots, ch.values):
                         orphan_set.append(pk + (spec.cols[i], v))
@@ -241,12 +245,14 @@ class TableMerge:
                         continue
                     present.append(i)
                 inserts[all_cols if len(present) == ncols else tuple(present)].append(row)
+                d_full.append(pk)
                 if has_orphans:
                     orphan_del.append(pk)
             elif now_alive:
                 if vals:
                     cols = tuple(sorted(vals))
                     updates[cols].append([vals[i] for i in cols] + list(pk))
+                    d_partial[sum(1 << i for i in cols)].append(pk)
             elif was_alive:
                 tomb = regs[1]
                 keep = [i for i in range(ncols) if regs[4 + 3 * i] is not None and regs[4 + 3 * i] > tomb]
@@ -254,6 +260,7 @@ class TableMerge:
                     v = vals[i] if i in vals else self._local_value(pk, i, True)
                     orphan_set.append(pk + (spec.cols[i], v))
                 deletes.append(pk)
+                d_gone.append(pk)
             else:
                 tomb = regs[1]
                 for i, v in vals.items():
@@ -261,6 +268,7 @@ class TableMerge:
                         orphan_set.append(pk + (spec.cols[i], v))
         self.cells_won += won
         self.max_hlc = max_hlc
+        self._touched = (d_full, d_gone, d_partial)
         self._write(inserts, updates, deletes, meta_rows, idx_rows, orphan_set, orphan_del)
 
     def _write(self, inserts, updates, deletes, meta_rows, idx_rows, orphan_set, orphan_del) -> None:
@@ -294,6 +302,8 @@ class TableMerge:
         if idx_rows:
             conn.executemany(f"INSERT OR IGNORE INTO {spec.obj('idx')} VALUES ({', '.join('?' * (2 + npk))})",
                              list(idx_rows))
+        if self.digest:
+            digests.refresh(conn, spec, *self._touched)
         if orphan_del:
             conn.executemany(f"DELETE FROM {spec.obj('orphan')} WHERE {spec.pk_where}", orphan_del)
         if orphan_set:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from ..model import Batch, Change, Hlc, VersionVector
 from ..model.attest import Proof, Signer, attest
 from ..model.change import check_batch
 from .base import ApplyResult, HeldChange
+from . import digests
+from .capture import Problem, check_table
 from .connection import open_db
 from .ddl import TableSpec
 from .errors import StoreError
@@ -43,11 +46,14 @@ from .reading import ChangeReader, Staged, in_snapshots, pack_change, stage, unp
 from .stamping import stamp_table
 from .tracking import inspect_table, install, load_specs
 
+log = logging.getLogger("p2psync.store")
+
 DEFAULT_MAX_SKEW_MS = 60_000
 MAX_IDLE_READERS = 4
 HELD_TABLE_BYTES = 64 << 20     # held changes kept per table (bytes of their stored form)
 HELD_TOTAL_BYTES = 256 << 20    # and for all tables together
 RELEASE_CHUNK = 2000            # held changes released per write transaction
+FOUND_KEPT = 20                 # reconciliation findings kept for `status`
 INT64_MAX = (1 << 63) - 1
 
 
@@ -79,6 +85,25 @@ def _move_old_held(conn: apsw.Connection) -> None:
     rows = conn.cursor().execute("SELECT reason, change FROM _p2p_held_old ORDER BY id")
     conn.executemany(_INSERT_HELD, (_held_row(reason, unpack_change(blob)) for reason, blob in rows))
     conn.execute("DROP TABLE _p2p_held_old")
+
+
+@dataclass(frozen=True)
+class Found:
+    """Writes to one table that capture did not see, found by reconciliation and synced as new writes."""
+
+    table: str
+    why: str          # what bypassed capture, as far as we can tell
+    inserted: int
+    updated: int
+    deleted: int
+    at_ms: int
+    dbv: int | None   # the db version they were stamped as
+
+    def sentence(self) -> str:
+        rows = self.inserted + self.updated + self.deleted
+        return (f"{rows} row{'s' if rows != 1 else ''} of table {self.table!r} written while capture was bypassed "
+                f"({self.why}) were found and synced as this device's writes ({self.inserted} inserted, "
+                f"{self.updated} updated, {self.deleted} deleted)")
 
 
 @dataclass(frozen=True)
@@ -123,23 +148,45 @@ class SqliteStore:
         self.max_clock_skew_ms = max_clock_skew_ms
         self.max_held_table_bytes, self.max_held_bytes = max_held_table_bytes, max_held_bytes
         self._held_checked: bytes | None = None     # schema fingerprint when unknown-* held changes were last tried
+        # Called (in the writing thread) with our newest db version once a transaction that stamped
+        # one has committed: the agent keeps it in the home, to notice a restored database (identity/succession.py).
+        self.on_stamped = None
+        self._stamped: int | None = None
         self.conn = open_db(self.path)
         with self._write():
             old_held = _upgrade_held(self.conn)
             self.conn.execute(_schema_sql()).fetchall()
             if old_held:
                 _move_old_held(self.conn)
+            if "incarnation" not in {r[1] for r in self.conn.execute("PRAGMA table_info(_p2p_state)")}:
+                self.conn.execute("ALTER TABLE _p2p_state ADD COLUMN incarnation BLOB")   # made before incarnations
+            self.conn.execute("UPDATE _p2p_state SET incarnation = randomblob(16) WHERE incarnation IS NULL")
             rows = self.conn.execute("SELECT site_id FROM _p2p_state").fetchall()
             if not rows:
-                self.conn.execute("INSERT INTO _p2p_state(id, site_id) VALUES (1, ?)", (site_id,))
+                self.conn.execute("INSERT INTO _p2p_state(id, site_id, incarnation) VALUES (1, ?, randomblob(16))",
+                                  (site_id,))
             elif rows[0][0] != site_id:
                 raise StoreError(f"{self.path} is synced by another device (site {rows[0][0].hex()}); "
                                  f"each device needs its own copy of the database")
             self.conn.execute("UPDATE _p2p_state SET applying = 0")
         self.sites = SiteMap(self.conn)
+        digests.register(self.conn)
+        self.specs = load_specs(self.conn)
+        # The schema check (store/capture.py), run by every stamp when PRAGMA schema_version moved:
+        self.track_new_columns = True            # columns added to a tracked table are tracked at once
+        self.keep_digests = True                 # off only to measure what digests cost (bench/capture_bench.py)
+        self.problems: dict[str, Problem] = {}   # tracked tables this device cannot sync now, and why
+        self.untracked_columns: dict[str, tuple[str, ...]] = {}   # added columns left untracked (config)
+        self.found: deque[Found] = deque(maxlen=FOUND_KEPT)       # writes reconciliation found, newest last
+        self.found_total = 0                     # rows found since start
+        self.schema_changes = 0                  # times the check changed what is tracked (agents re-read specs)
+        self._schema_seen: int | None = None
         with self._write():
             self.local_idx = self.sites.idx(site_id)
-        self.specs = load_specs(self.conn)
+            for spec in self.specs.values():
+                if not digests.exists(self.conn, spec):   # tracked by an older p2psync
+                    self.conn.execute(digests.table_sql(spec))
+                    digests.fill(self.conn, spec)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -153,8 +200,12 @@ class SqliteStore:
             self.conn.execute("ROLLBACK")
             if hasattr(self, "sites"):
                 self.sites.forget_uncommitted()
+            self._stamped = None
             raise
         self.conn.execute("COMMIT")
+        stamped, self._stamped = self._stamped, None
+        if stamped is not None and self.on_stamped is not None:
+            self.on_stamped(stamped)
 
     def close(self) -> None:
         with self._reader_lock:
@@ -221,10 +272,23 @@ class SqliteStore:
             return self._stamp_locked(now_ms)
 
     def _stamp_locked(self, now_ms: int) -> int | None:
+        stale = self._check_capture()
+        dbv = self._stamp_pending(now_ms)
+        if stale:
+            # Capture of these tables was missing or out of date: what was written meanwhile differs from
+            # the digests. Logged now, stamped as one more version.
+            found = self._reconcile_tables(stale, None, now_ms)
+            if found:
+                dbv = self._stamp_pending(now_ms)
+                self._note_found(found, dbv)
+        return dbv
+
+    def _stamp_pending(self, now_ms: int) -> int | None:
         dbv, last = self._state()
         new_dbv, top, total = dbv + 1, last, 0
         for spec in self.specs.values():
-            n, top = stamp_table(self.conn, spec, site_idx=self.local_idx, dbv=new_dbv, last_hlc=top, now_ms=now_ms)
+            n, top = stamp_table(self.conn, spec, site_idx=self.local_idx, dbv=new_dbv, last_hlc=top, now_ms=now_ms,
+                                 digest=self.keep_digests)
             total += n
         if not total:
             if self.signer is not None and dbv and self._unsigned():
@@ -232,9 +296,174 @@ class SqliteStore:
             return None
         self.conn.execute("UPDATE _p2p_state SET dbv = ?, hlc = ?", (new_dbv, top))
         self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (self.site_id, new_dbv))
+        self._stamped = new_dbv
         if self.signer is not None:
             self._sign_own()
         return new_dbv
+
+    # -- capture health -----------------------------------------------------
+
+    def _check_capture(self) -> dict[str, str]:
+        """Re-read what is tracked and compare it with the tables, if the schema changed since last time.
+
+        Adds columns, re-installs missing or stale triggers, records problems (store/capture.py).
+        Returns the tables whose capture was missing or out of date, each with why: their writes since
+        then must be reconciled. Runs inside the caller's write transaction.
+        """
+        conn = self.conn
+        version = conn.execute("PRAGMA schema_version").fetchall()[0][0]
+        if version == self._schema_seen:
+            return {}
+        before = {n: (s.pk, s.cols) for n, s in self.specs.items()}
+        specs, problems, untracked, stale = {}, {}, {}, {}
+        for name, spec in load_specs(conn).items():
+            v = check_table(conn, spec)
+            if v.problem is not None:
+                problems[name] = v.problem
+                continue
+            if not digests.exists(conn, spec):
+                conn.execute(digests.table_sql(spec))
+                digests.fill(conn, spec)
+            want = v.live if self.track_new_columns else TableSpec(name, spec.pk, spec.cols, v.live.unique)
+            if not self.track_new_columns and v.added:
+                untracked[name] = v.added
+            if (self.track_new_columns and v.added) or not v.triggers_ok:
+                ours = conn.execute("SELECT count(*) FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = ? "
+                                    "AND name LIKE '\\_p2p\\_%' ESCAPE '\\'", (name,)).fetchall()[0][0]
+                if v.added and self.track_new_columns:
+                    why = f"column{'s' if len(v.added) > 1 else ''} {', '.join(map(repr, v.added))} added"
+                    log.info("table %r: tracking new column%s %s", name, "s" if len(v.added) > 1 else "",
+                             ", ".join(map(repr, v.added)))
+                elif not ours:
+                    why = "its triggers were gone: the table was rebuilt or they were dropped"
+                else:
+                    why = "its triggers were out of date"
+                if not v.triggers_ok:
+                    log.warning("table %r: capture was %s; re-installed", name,
+                                "missing (the table was rebuilt, or our triggers dropped)" if not ours else "out of date")
+                stale[name] = why
+                spec = install(conn, want, spec)
+            specs[name] = spec
+        for name, p in problems.items():
+            if self.problems.get(name) != p:
+                log.error("%s", p.message)
+        for name in self.problems:
+            if name not in problems:
+                log.warning("table %r is synced again", name)
+        for name, cols in untracked.items():
+            if self.untracked_columns.get(name) != cols:
+                log.warning("table %r has columns %s that are not synced (track_new_columns is off); run "
+                            "`p2psync track %s` to sync them", name, ", ".join(map(repr, cols)), name)
+        self.problems, self.untracked_columns, self.specs = problems, untracked, specs
+        if {n: (s.pk, s.cols) for n, s in specs.items()} != before:
+            self.schema_changes += 1
+        self._schema_seen = conn.execute("PRAGMA schema_version").fetchall()[0][0]
+        return stale
+
+    def _reconcile_tables(self, tables: dict[str, str], keys: dict[str, list] | None, now_ms: int) -> list[Found]:
+        """Log the differences between ``tables`` and their digests (only ``keys[table]`` if given) as local
+        writes at ``now_ms``; what was found (in the caller's write transaction, stamping not done yet)."""
+        out = []
+        for name, why in tables.items():
+            spec = self.specs.get(name)
+            if spec is None:
+                continue
+            d = digests.differences(self.conn, spec, None if keys is None else keys.get(name, []))
+            if d:
+                digests.log(self.conn, spec, d, now_ms)
+                out.append(Found(name, why, len(d.inserted), len(d.updated), len(d.deleted), now_ms, None))
+        return out
+
+    def _note_found(self, found: list[Found], dbv: int | None) -> None:
+        for f in found:
+            f = Found(f.table, f.why, f.inserted, f.updated, f.deleted, f.at_ms, dbv)
+            self.found.append(f)
+            self.found_total += f.inserted + f.updated + f.deleted
+            log.warning("%s", f.sentence())
+
+    def reconcile(self, now_ms: int) -> list[Found]:
+        """Compare every tracked table with its digests and sync the writes capture did not see.
+
+        The comparison runs in a read transaction (writers are not blocked); only rows found
+        different are compared again in the write transaction, after pending writes are stamped.
+        """
+        conn = self.conn
+        candidates: dict[str, list] = {}
+        conn.execute("BEGIN")
+        try:
+            for spec in list(self.specs.values()):
+                d = digests.differences(conn, spec)
+                if d:
+                    candidates[spec.name] = d.inserted + [k for k, _ in d.updated] + d.deleted
+        finally:
+            conn.execute("COMMIT")
+        with self._write():
+            self._stamp_locked(now_ms)
+            if not candidates:
+                return []
+            found = self._reconcile_tables({t: "writes made with triggers off, or not seen by them"
+                                            for t in candidates}, candidates, now_ms)
+            if found:
+                self._note_found(found, self._stamp_pending(now_ms))
+        return list(self.found)[-len(found):] if found else []
+
+    def capture_state(self) -> dict:
+        """For `status`: problems, untracked columns, and what reconciliation found."""
+        return {
+            "problems": [{"table": p.table, "kind": p.kind, "message": p.message} for p in self.problems.values()],
+            "untracked_columns": {t: list(c) for t, c in self.untracked_columns.items()},
+            "found_total": self.found_total,
+            "found": [{"table": f.table, "why": f.why, "inserted": f.inserted, "updated": f.updated,
+                       "deleted": f.deleted, "at_ms": f.at_ms, "dbv": f.dbv, "sentence": f.sentence()}
+                      for f in self.found],
+        }
+
+    # -- incarnations --------------------------------------------------------
+
+    def incarnation(self) -> tuple[bytes, int]:
+        """(this database's incarnation id, our newest db version): what the home records after each stamp."""
+        return self.conn.execute("SELECT incarnation, dbv FROM _p2p_state").fetchall()[0]
+
+    def continue_as(self, new_site: bytes, after: int, events: list[tuple[bytes, bytes]] = ()) -> int:
+        """Continue under ``new_site``: our cells of versions after ``after`` are stamped again under it.
+
+        For a database that is not the one this device last ran on (restored, rolled back, copied):
+        the db versions after ``after`` may be held by peers with other contents, so they are never
+        used again. Each of our versions after ``after`` becomes the next version of ``new_site``, in
+        order and whole (cells keep their HLCs); we stop vouching for the old ones (their proofs go)
+        and take the old site's versions after ``after`` from peers like any other device's. The
+        membership ``events`` (the successor event) are stored in the same transaction. Returns how
+        many versions were stamped again.
+        """
+        with self._write():
+            if events:
+                self.conn.executemany("INSERT OR IGNORE INTO _p2p_members(hash, data) VALUES (?, ?)", events)
+            old, old_idx = self.site_id, self.local_idx
+            new_idx = self.sites.idx(new_site)
+            versions = sorted({v for spec in self.specs.values() for (v,) in self.conn.execute(
+                f"SELECT DISTINCT dbv FROM {spec.obj('idx')} WHERE site = ? AND dbv > ?", (old_idx, after))})
+            self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_renumber(old INTEGER PRIMARY KEY, new INTEGER)")
+            self.conn.execute("DELETE FROM temp._p2p_renumber")
+            self.conn.executemany("INSERT INTO temp._p2p_renumber VALUES (?, ?)",
+                                  [(v, i) for i, v in enumerate(versions, 1)])
+            for spec in self.specs.values():
+                idx = spec.obj("idx")
+                self.conn.execute(f"INSERT OR IGNORE INTO {idx} SELECT ?, r.new, {', '.join('i.' + c for c in _quoted(spec.pk))} "
+                                  f"FROM {idx} i JOIN temp._p2p_renumber r ON r.old = i.dbv WHERE i.site = ?",
+                                  (new_idx, old_idx))
+                for s_col, v_col in [("e_s", "e_v")] + [(f"s{i}", f"v{i}") for i in range(len(spec.cols))]:
+                    # (the meta table's trigger drops the idx entries no cell refers to any more)
+                    self.conn.execute(f"UPDATE {spec.obj('meta')} SET {s_col} = ?, {v_col} = "
+                                      f"(SELECT new FROM temp._p2p_renumber WHERE old = {v_col}) "
+                                      f"WHERE {s_col} = ? AND {v_col} > ?", (new_idx, old_idx, after))
+            self.conn.execute("DELETE FROM _p2p_versions WHERE site = ? AND dbv > ?", (old, after))
+            self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (old, after))
+            self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (new_site, len(versions)))
+            self.conn.execute("UPDATE _p2p_state SET site_id = ?, dbv = ?, incarnation = randomblob(16)",
+                              (new_site, len(versions)))
+            self.site_id, self.local_idx = new_site, new_idx
+            self._stamped = len(versions)
+        return len(versions)
 
     def sign_versions(self) -> int:
         """Sign our versions stamped while no signer was set (by a tool, or before an upgrade); how many."""
@@ -312,7 +541,7 @@ class SqliteStore:
             conn.execute("BEGIN")
             try:
                 local = VersionVector(dict(conn.execute("SELECT site, dbv FROM _p2p_vv").fetchall()))
-                reader = ChangeReader(conn, load_specs(conn), local, self.signer)
+                reader = ChangeReader(conn, dict(self.specs), local, self.signer, blocked=list(self.problems))
                 try:
                     complete = stage(staged, reader.batches(vv, max_changes, max_bytes))
                 finally:
@@ -419,9 +648,30 @@ class SqliteStore:
                 reasons.append("skew" if c.hlc >= limit else None)
         return reasons
 
+    def _split_unknown(self, changes) -> list[Change]:
+        """``changes`` with each change that sets columns unknown here split in two: the known columns
+        (and the row's existence), applied now, and the unknown ones alone, held until tracked.
+
+        A device on an older schema thus shows every column it has of rows written on a newer one.
+        """
+        out = []
+        for c in changes:
+            spec = self.specs.get(c.table)
+            if spec is None or len(c.pk) != len(spec.pk) or spec.col_set.issuperset(c.columns):
+                out.append(c)
+                continue
+            known = [(col, v) for col, v in zip(c.columns, c.values) if col in spec.col_set]
+            unknown = [(col, v) for col, v in zip(c.columns, c.values) if col not in spec.col_set]
+            if known or c.alive is not None:
+                out.append(c._replace(columns=tuple(k for k, _ in known), values=tuple(v for _, v in known)))
+            out.append(c._replace(alive=None, columns=tuple(k for k, _ in unknown),
+                                  values=tuple(v for _, v in unknown)))
+        return out
+
     def _screen(self, changes: tuple[Change, ...], now_ms: int) -> tuple[list, list]:
         """Split changes into (held (reason, change) pairs, changes ready to merge)."""
         held, ready = [], []
+        changes = self._split_unknown(changes)
         for c, reason in zip(changes, self._hold_reasons(changes, now_ms)):
             if reason:
                 held.append((reason, c))
@@ -438,7 +688,7 @@ class SqliteStore:
             by_table[c.table].append(c)
         won, top = 0, 0
         for table, cs in by_table.items():
-            m = TableMerge(self.conn, self.specs[table], self.sites)
+            m = TableMerge(self.conn, self.specs[table], self.sites, digest=self.keep_digests)
             m.apply(cs)
             won, top = won + m.cells_won, max(top, m.max_hlc)
         if force:
@@ -550,6 +800,10 @@ class SqliteStore:
                 self._merge(ready, Hlc(self._state()[1], self.max_clock_skew_ms), now_ms, force=force)
                 self.conn.executemany("DELETE FROM _p2p_held WHERE id = ?", ids)
             return len(ready), rows[-1][0]
+
+
+def _quoted(names) -> list[str]:
+    return ['"' + n.replace('"', '""') + '"' for n in names]
 
 
 def forget_sync_state(path: str | Path) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import apsw
 
+from . import digests
 from .merging import existing_keys
 from .ddl import MASK_BITS, OP_CHECK, OP_DELETE, OP_INSERT, OP_UPDATE, TableSpec, q
 from .errors import StoreError
@@ -50,8 +51,10 @@ def check_limits(dbv: int, last_hlc: int, now_ms: int) -> None:
 
 
 def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: int,
-                last_hlc: int, now_ms: int) -> tuple[int, int]:
+                last_hlc: int, now_ms: int, digest: bool = True) -> tuple[int, int]:
     """Stamp ``spec``'s pending log; returns (rows stamped, highest HLC issued).
+
+    With ``digest`` the stamped rows' digests (store/digests.py) are refreshed too.
 
     StoreError, with nothing written, if ``dbv`` or the HLCs it would issue are past the model's limits.
     """
@@ -147,5 +150,13 @@ def stamp_table(conn: apsw.Connection, spec: TableSpec, *, site_idx: int, dbv: i
     conn.executemany(f"INSERT OR IGNORE INTO {spec.obj('idx')} VALUES ({', '.join('?' * (2 + npk))})", idx_params)
     if conn.execute(f"SELECT 1 FROM {spec.obj('orphan')} LIMIT 1").fetchall():
         conn.executemany(f"DELETE FROM {spec.obj('orphan')} WHERE {spec.pk_where}", list(state))
+    if digest:
+        full, gone, partial = [], [], {}
+        for pk, (exists, cols, _) in state.items():
+            if exists is None:
+                partial.setdefault(cols, []).append(pk)
+            else:
+                (full if exists else gone).append(pk)
+        digests.refresh(conn, spec, full, gone, partial)
     conn.execute(f"DELETE FROM {spec.obj('log')}")
     return len(state), top

@@ -7,6 +7,7 @@ import re
 
 import apsw
 
+from . import digests
 from .ddl import OP_INSERT, WALL_MS, TableSpec, add_columns, create_tables, create_triggers, drop_triggers, q
 from .errors import NotTrackable
 
@@ -70,6 +71,21 @@ def _unique_indexes(conn: apsw.Connection, name: str) -> tuple[tuple[tuple[str, 
     return tuple(sorted(out))
 
 
+def column_defaults(conn: apsw.Connection, table: str, columns: tuple[str, ...]) -> list:
+    """The value ``ALTER TABLE ADD COLUMN`` gave existing rows for each of ``columns`` (None if unknown)."""
+    info = {r[1]: r[4] for r in conn.execute(f"PRAGMA table_xinfo({q(table)})").fetchall()}
+    out = []
+    for c in columns:
+        expr, value = info.get(c), None
+        if expr is not None:
+            try:   # a constant (ADD COLUMN allows no other), from the application's own schema
+                value = conn.execute(f"SELECT {expr}").fetchall()[0][0]
+            except apsw.Error:
+                value = None
+        out.append(value)
+    return out
+
+
 def load_specs(conn: apsw.Connection) -> dict[str, TableSpec]:
     """The tracked tables recorded in this database."""
     return {
@@ -95,11 +111,17 @@ def install(conn: apsw.Connection, spec: TableSpec, old: TableSpec | None) -> Ta
                                f"dropping synced columns is not supported")
         spec = TableSpec(spec.name, spec.pk, old.cols + tuple(c for c in spec.cols if c not in old.cols),
                          spec.unique)
-    for stmt in drop_triggers(spec) + create_tables(spec):
+    had_digests = digests.exists(conn, spec)
+    for stmt in drop_triggers(spec) + create_tables(spec) + [digests.table_sql(spec)]:
         conn.execute(stmt)
     if old is not None:
         for stmt in add_columns(spec, len(old.cols)):
             conn.execute(stmt)
+        if not had_digests:
+            digests.fill(conn, spec)     # tracked before digests existed: the table as it is counts as captured
+        elif len(spec.cols) > len(old.cols):
+            added = spec.cols[len(old.cols):]
+            digests.extend(conn, spec, len(old.cols), column_defaults(conn, spec.name, added))
     for stmt in create_triggers(spec):
         conn.execute(stmt)
     conn.execute(
