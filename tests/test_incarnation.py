@@ -79,3 +79,76 @@ def test_a_restart_on_the_same_database_keeps_its_site_id(lab):
     lab.start(a, peers=[b])
     lab.wait_converged(a, b)
     assert a.status()["device"]["site"] == site and a.status().get("incarnation") is None
+
+
+def test_a_copied_home_and_database_both_running_lose_no_write(lab, tmp_path):
+    """A's home and database copied to a second location (as to a new machine) while A is stopped; both run.
+
+    On one machine the copy cannot have the same paths, so here it differs by its paths and database
+    file; a copy made to another machine differs by its machine id too (identity/succession.py)."""
+    import json
+    import shutil
+
+    from agents import Device, free_port
+
+    a, b = pair(lab)
+    a.transaction([(INSERT, (i, f"shared {i}", i, None)) for i in range(1, 6)])
+    lab.wait_converged(a, b)
+    lab.stop(a)
+    root = tmp_path / "copy"
+    root.mkdir()
+    shutil.copytree(a.home, root / "home")
+    shutil.copy(a.db, root / "A2.db")
+    info = json.loads((root / "home" / "device.json").read_text())
+    info["db_path"] = str(root / "A2.db")
+    (root / "home" / "device.json").write_text(json.dumps(info))
+    copy = Device("A2", root / "home", root / "A2.db", free_port(), root / "agent.log")
+    lab.all.append(copy)
+    lab.start(a, peers=[b])
+    lab.start(copy, peers=[b, a])
+    a.transaction([(INSERT, (i, f"on A {i}", i, None)) for i in range(100, 150)])
+    copy.transaction([(INSERT, (i, f"on the copy {i}", i, None)) for i in range(200, 250)])
+    final = lab.wait_converged(a, b, copy)
+    ids = {r[0] for r in final}
+    assert set(range(100, 150)) | set(range(200, 250)) <= ids
+    assert a.status()["device"]["site"] != copy.status()["device"]["site"]
+    assert "copied" in (copy.status().get("incarnation") or "")
+    # the copy notices at its start; the original, once the copy's successor retires their common site id
+    assert "a copy of this device" in (a.status().get("incarnation") or "")
+    assert conflicts(a) == conflicts(b) == conflicts(copy) == 0
+
+
+def authenticity_conflicts(dev) -> list:
+    return dev.status()["authenticity"]["conflicts"]
+
+
+def test_a_vm_rolled_back_with_its_home_loses_no_write(lab, tmp_path):
+    """Database and home rolled back together (a VM snapshot): locally nothing looks wrong; the peer
+    holds this device's later versions, so it continues under a new site id and gets them back."""
+    import shutil
+
+    a, b = pair(lab)
+    a.transaction([(INSERT, (i, f"before the snapshot {i}", i, None)) for i in range(1, 6)])
+    lab.wait_converged(a, b)
+    lab.stop(a)
+    snap = tmp_path / "snapshot"
+    shutil.copytree(a.home, snap / "home")
+    shutil.copy(a.db, snap / "a.db")
+    lab.start(a, peers=[b])
+    a.transaction([(INSERT, (i, f"after the snapshot {i}", i, None)) for i in range(10, 20)])
+    lab.wait_converged(a, b)
+    lab.stop(a)
+    shutil.rmtree(a.home)
+    shutil.copytree(snap / "home", a.home)
+    for suffix in ("-wal", "-shm"):
+        (a.db.parent / (a.db.name + suffix)).unlink(missing_ok=True)
+    shutil.copy(snap / "a.db", a.db)
+    # the rolled-back machine writes before and after its agent meets the peer
+    a.transaction([(INSERT, (i, f"after the rollback {i}", i, None)) for i in range(30, 35)])
+    lab.start(a, peers=[b])
+    a.execute(INSERT, (40, "later", 1, None))
+    final = lab.wait_converged(a, b)
+    ids = {r[0] for r in final}
+    assert set(range(1, 6)) | set(range(10, 20)) | set(range(30, 35)) | {40} <= ids, sorted(ids)
+    assert "rolled back" in (a.status().get("incarnation") or "")
+    assert authenticity_conflicts(a) == [] and authenticity_conflicts(b) == []

@@ -36,7 +36,7 @@ from ..net.bus import ChangeBus
 from ..net.store_worker import StoreWorker, wall_ms
 from ..protocol.prologue import device_prologue
 from ..protocol import RemoteProtocolError
-from ..identity.succession import write_record
+from ..identity.succession import place_of, write_record
 from ..store import SqliteStore
 from .control import serve_control
 from .group_service import GroupService
@@ -109,7 +109,11 @@ class Agent:
         self.static_public = device.static_public
         self.store.track_new_columns = config.track_new_columns
         self.incarnation_notice: str | None = None   # set when this start continued under a new site id
+        self.continue_reason: str | None = None      # set when this device must continue under a new site id
+        self.continue_after: int | None = None
+        self.on_continue = None                      # ends the run (run_agent then continues as a successor)
         self.store.on_stamped = self._record_stamp
+        self._place = place_of(device.home, device.db_path)
         self.schema = self.store.schema_fingerprint()
         self._schema_changes = self.store.schema_changes
         self.links: dict[bytes, Link] = {}
@@ -134,7 +138,7 @@ class Agent:
         """After every committed stamp: the home remembers it (identity/succession.py), so a database
         restored to before it is noticed at the next start. A failure to write is logged, not fatal."""
         try:
-            write_record(self.device.home, self.store.site_id, self.store.incarnation()[0], dbv)
+            write_record(self.device.home, self.store.site_id, self.store.incarnation()[0], dbv, self._place)
         except OSError as e:
             log.error("cannot record the newest db version in %s: %s (a restored database might then go "
                       "unnoticed until peers report it)", self.device.home, e)
@@ -161,6 +165,16 @@ class Agent:
             out.append(self.relay_state.conn)
         return out
 
+    def continue_elsewhere(self, why: str, after: int | None = None) -> None:
+        """End this run, so that run_agent continues under a successor site id of our own
+        (agent/incarnation.py): another copy of this device took one, or peers hold our versions past
+        ``after`` that this database lacks. ``after``: the newest version shared (default: our newest)."""
+        if self.continue_reason is None:
+            self.continue_reason, self.continue_after = why, after
+            log.warning("%s; this device continues under a new site id too", why)
+            if self.on_continue is not None:
+                self.on_continue()
+
     def stop_syncing(self, why: str) -> None:
         """This device was removed: end every session and stop dialling; status says why."""
         if self.removed is None:
@@ -178,7 +192,28 @@ class Agent:
             log.warning("held %d changes from %s (unknown table/column or clock too far ahead); "
                         "see `p2psync status`", result.held, conn.label)
         self.bus.notify()
+        self.check_behind(conn, result)
         self.check_attested(conn, result)
+
+    async def checkpoints_for(self, site: bytes, top: int) -> tuple:
+        """What our Hello tells ``site`` of its own versions (SqliteStore.checkpoints)."""
+        return await self.worker.call(self.store.checkpoints, site, top)
+
+    async def check_checkpoints(self, conn: Connection, checkpoints) -> None:
+        """A peer's view of our own versions: if it differs from ours, continue under a successor."""
+        after = await self.worker.call(self.store.split_point, checkpoints)
+        if after is not None:
+            self.continue_elsewhere(f"{conn.label} holds versions of this device's site id with other contents than "
+                                    f"its database: the database and home were rolled back together (a VM "
+                                    f"snapshot) or copied", after=after)
+
+    def check_behind(self, conn: Connection, result) -> None:
+        """A peer holds versions of our own site this database lacks or holds otherwise: continue under a
+        successor site id after the last version we share (agent/incarnation.py)."""
+        if getattr(result, "behind", None) is not None:
+            self.continue_elsewhere(f"{conn.label} holds versions of this device's site id that its database "
+                                    f"does not have, or has with other contents: the database and home were rolled "
+                                    f"back together (a VM snapshot) or copied", after=result.behind)
 
     def check_attested(self, conn: Connection, result) -> None:
         """Count, log and (for what the peer sent as its own) end the session over unattested input."""
@@ -576,6 +611,9 @@ class Agent:
         conflicts = await self.worker.call(self.store.version_conflicts)
         by_site: dict[bytes, list[int]] = {}
         for s, d in conflicts:
+            m = self.members.state.member(s) if self.members.state else None
+            if m is not None and m.state == "succeeded":
+                continue   # that device continued under a new site id: resolved (agent/incarnation.py)
             by_site.setdefault(s, []).append(d)
         notices = [f"{self.members.who(s)} signed two different contents for db version"
                    f"{'s' if len(ds) > 1 else ''} {', '.join(map(str, ds[:5]))}{' ...' if len(ds) > 5 else ''}: "
@@ -669,27 +707,34 @@ def run_agent(device: Device, config: Config) -> int:
     """Run the agent until SIGTERM/SIGINT; the process exit status."""
     setup_logging(config.log_level)
     from .incarnation import ensure_incarnation
-    device, notice = ensure_incarnation(device)   # before anything is sent (agent/incarnation.py)
-    agent = Agent(device, config)
-    agent.incarnation_notice = notice
     # Batches create ~300k short-lived objects per 100k changes; the default
     # gen-0 threshold makes the collector rescan them over and over.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+    reason = after = None
+    while True:
+        device, notice = ensure_incarnation(device, reason, after)   # before anything is sent (agent/incarnation.py)
+        agent = Agent(device, config)
+        agent.incarnation_notice = notice
 
-    async def main():
-        async with trio.open_nursery() as n:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await n.start(agent.run)
-                async for sig in signals:
-                    log.info("%s received: closing connections", signal.Signals(sig).name)
-                    agent.notifier.stopping()
-                    n.cancel_scope.cancel()
-                    break
+        async def main():
+            async with trio.open_nursery() as n:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    await n.start(agent.run)
+                    agent.on_continue = n.cancel_scope.cancel
+                    async for sig in signals:
+                        log.info("%s received: closing connections", signal.Signals(sig).name)
+                        agent.notifier.stopping()
+                        n.cancel_scope.cancel()
+                        break
 
-    try:
-        trio.run(main)
-    finally:
-        agent.close()
+        try:
+            trio.run(main)
+        finally:
+            agent.close()
+        if agent.continue_reason is None:
+            break
+        reason, after = agent.continue_reason, agent.continue_after   # continue under a successor
+        log.warning("restarting as a new site id: %s", reason)
     log.info("agent stopped")
     return 0

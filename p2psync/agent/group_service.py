@@ -174,6 +174,13 @@ class GroupService:
         if me is not None:
             self.agent.stop_syncing(self.removal_text())
             return
+        mine = self.members.me
+        if mine is not None and mine.state == "succeeded":
+            # a successor of our site that we did not sign: a copy of this device (home and database) runs
+            self.agent.continue_elsewhere(
+                f"a copy of this device (its home and database copied elsewhere) continues as "
+                f"{self.members.who(mine.successors[-1])}, which retires this site id")
+            return
         for key, link in list(self.agent.links.items()):
             if not link.conn.admitted:
                 continue   # still in its membership exchange, which checks it once it has merged the peer's log

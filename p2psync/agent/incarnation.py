@@ -33,15 +33,19 @@ import time
 
 from ..group import GroupMembers, actions
 from ..identity.home import Device, DeviceKeys
-from ..identity.succession import (finish_succession, pending_successor, read_record, start_succession,
-                                   write_record)
+from ..identity.succession import (finish_succession, moved, pending_successor, place_of, read_record,
+                                   start_succession, write_record)
 from ..store import SqliteStore
 
 log = logging.getLogger("p2psync.agent")
 
 
-def ensure_incarnation(device: Device) -> tuple[Device, str | None]:
-    """The device to run as, and one sentence if it had to continue under a new site id."""
+def ensure_incarnation(device: Device, forced: str | None = None,
+                       after: int | None = None) -> tuple[Device, str | None]:
+    """The device to run as, and one sentence if it had to continue under a new site id.
+
+    ``forced``: why it must (a copy of it took a successor of its site): it continues after its
+    newest version, every one of which is its own."""
     pending = pending_successor(device.home)
     if pending is not None:
         old, keys = pending
@@ -50,7 +54,7 @@ def ensure_incarnation(device: Device) -> tuple[Device, str | None]:
             if store.site_id == keys.site_id:           # stopped after the database moved: finish the home
                 device = finish_succession(device, keys)
                 inc, dbv = store.incarnation()
-                write_record(device.home, device.site_id, inc, dbv)
+                write_record(device.home, device.site_id, inc, dbv, place_of(device.home, device.db_path))
                 return device, None
         finally:
             store.close()
@@ -62,16 +66,26 @@ def ensure_incarnation(device: Device) -> tuple[Device, str | None]:
     finally:
         store.close()
     rec = read_record(device.home)
+    here = place_of(device.home, device.db_path)
+    if forced is not None:
+        return _succeed(device, DeviceKeys.generate(), forced, None, inc, dbv,
+                        after=dbv if after is None else min(after, dbv))
     if rec is None or rec.site_id != device.site_id:
-        write_record(device.home, device.site_id, inc, dbv)      # first start with incarnations
+        write_record(device.home, device.site_id, inc, dbv, here)      # first start with incarnations
         return device, None
-    if rec.incarnation == inc and dbv >= rec.dbv:
+    elsewhere = moved(rec, here)
+    if rec.incarnation == inc and dbv >= rec.dbv and not elsewhere:
+        if rec.place != here:
+            write_record(device.home, device.site_id, inc, max(dbv, rec.dbv), here)
         return device, None
-    if rec.incarnation == inc:
+    if rec.incarnation != inc:
+        why = "the database is not the one this device last ran on (copied in from elsewhere, or replaced)"
+    elif dbv < rec.dbv:
         why = (f"the database ends at db version {dbv} but this device had stamped up to {rec.dbv}: it was "
                f"restored from a backup or rolled back")
     else:
-        why = "the database is not the one this device last ran on (copied in from elsewhere, or replaced)"
+        why = (f"its {' and '.join(elsewhere)} changed since it last ran: the device was copied (or moved), and "
+               f"the original may still be running")
     return _succeed(device, DeviceKeys.generate(), why, rec, inc, dbv)
 
 
@@ -83,7 +97,8 @@ def _open_either(device: Device, keys: DeviceKeys) -> SqliteStore:
         return SqliteStore(device.db_path, keys.site_id)
 
 
-def _succeed(device: Device, keys: DeviceKeys, why: str, rec=None, inc=None, dbv=None) -> tuple[Device, str]:
+def _succeed(device: Device, keys: DeviceKeys, why: str, rec=None, inc=None, dbv=None,
+             after: int | None = None) -> tuple[Device, str]:
     start_succession(device, keys) if not (device.home / "successor.json").exists() else None
     store = SqliteStore(device.db_path, device.site_id)
     try:
@@ -91,7 +106,8 @@ def _succeed(device: Device, keys: DeviceKeys, why: str, rec=None, inc=None, dbv
             inc, dbv = store.incarnation()
         # Versions up to ``after`` are known to hold what peers hold: the database's own, when it is an older
         # copy of the one the home last ran on; none, when it is another copy.
-        after = dbv if rec is not None and rec.incarnation == inc else 0
+        if after is None:
+            after = dbv if rec is not None and rec.incarnation == inc else 0
         members = GroupMembers(device.found, device.site_id, device.static_private, device.retired)
         members.load(store.member_events())
         events = []
@@ -101,7 +117,7 @@ def _succeed(device: Device, keys: DeviceKeys, why: str, rec=None, inc=None, dbv
         moved = store.continue_as(keys.site_id, after, events)
         new = finish_succession(device, keys)
         inc2, dbv2 = store.incarnation()
-        write_record(new.home, new.site_id, inc2, dbv2)
+        write_record(new.home, new.site_id, inc2, dbv2, place_of(new.home, new.db_path))
     finally:
         store.close()
     sentence = (f"This device continues as a new site id {new.site_id.hex()[:12]} (was {device.site_id.hex()[:12]}): "

@@ -153,8 +153,27 @@ def shares_for_lacking(device: Device, members: GroupMembers, now_ms: int) -> li
 
 
 def successor(device: Device, members: GroupMembers, new_keys: DeviceKeys, name: str, now_ms: int) -> Event:
-    """This device continues as a new site with new keys (a restored or cloned database); no admin needed."""
+    """This device continues as a new site with new keys (a restored or cloned database); no admin needed.
+
+    Its parents leave out any successor of this site already in the log and what followed it: that
+    one was signed by a copy of this device, and this continuation is concurrent with it (a
+    successor signed after the site was succeeded would not count: docs/membership.md rule 9).
+    """
     return _sign(device, members, "successor", {"site": new_keys.site_id, "sign": new_keys.sign_public,
                                                 "dh": new_keys.static_public,
                                                 "name": _name_box(_current_keys(members), new_keys.site_id, name)},
-                 now_ms)
+                 now_ms, parents=_before_successors(members, device.site_id))
+
+
+def _before_successors(members: GroupMembers, site: bytes) -> tuple[bytes, ...] | None:
+    """The heads of the log without ``site``'s successor events and their descendants (None: the heads)."""
+    events = members.log.events()
+    after: set[bytes] = set()
+    for ev in events:   # parents first
+        if (ev.kind == "successor" and ev.signer == site) or any(p in after for p in ev.parents):
+            after.add(ev.hash)
+    if not after:
+        return None
+    keep = [ev for ev in events if ev.hash not in after]
+    referenced = {p for ev in keep for p in ev.parents}
+    return tuple(sorted(ev.hash for ev in keep if ev.hash not in referenced))

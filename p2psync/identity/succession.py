@@ -32,6 +32,30 @@ class Record:
     site_id: bytes
     incarnation: bytes
     dbv: int
+    place: dict | None = None     # where the device ran: home, database path and file, machine (``place_of``)
+
+
+def place_of(home: Path, db_path: Path) -> dict:
+    """Where this device runs: a home or database copied elsewhere (another path, file or machine) differs."""
+    try:
+        st = os.stat(db_path)
+        file = [st.st_dev, st.st_ino]
+    except OSError:
+        file = None
+    try:
+        machine = Path("/etc/machine-id").read_text().strip() or None
+    except OSError:
+        machine = None
+    return {"home": str(Path(home).absolute()), "db": str(Path(db_path).absolute()), "file": file, "machine": machine}
+
+
+def moved(rec: Record, now: dict) -> list[str]:
+    """What differs between where the record was written and ``now`` (nothing for an older record)."""
+    if rec.place is None:
+        return []
+    names = {"home": "home directory", "db": "database path", "file": "database file", "machine": "machine"}
+    return [names[k] for k in names if rec.place.get(k) is not None and now.get(k) is not None
+            and rec.place.get(k) != now.get(k)]
 
 
 def read_record(home: Path) -> Record | None:
@@ -43,16 +67,18 @@ def read_record(home: Path) -> Record | None:
         dbv = data.get("dbv")
         if not isinstance(dbv, int) or dbv < 0:
             raise IdentityError("bad dbv")
-        return Record(_hex_field(data, "site_id", 16, path), _hex_field(data, "incarnation", 16, path), dbv)
+        place = data.get("place")
+        return Record(_hex_field(data, "site_id", 16, path), _hex_field(data, "incarnation", 16, path), dbv,
+                      place if isinstance(place, dict) else None)
     except IdentityError:
         return None   # a damaged record is rewritten; peers still catch a clone or rollback
 
 
-def write_record(home: Path, site_id: bytes, incarnation: bytes, dbv: int) -> None:
+def write_record(home: Path, site_id: bytes, incarnation: bytes, dbv: int, place: dict | None = None) -> None:
     path = Path(home) / RECORD_FILE
     tmp = path.with_name(f".{RECORD_FILE}.{secrets.token_hex(4)}.tmp")
     tmp.write_bytes(_dump({"version": FILE_VERSION, "site_id": site_id.hex(), "incarnation": incarnation.hex(),
-                           "dbv": dbv}))
+                           "dbv": dbv, "place": place}))
     os.replace(tmp, path)
 
 

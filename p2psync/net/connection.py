@@ -273,7 +273,10 @@ class Connection:
             with trio.fail_after(self.settings.hello_timeout):
                 await self._exchange_members()
             vv = await ctx.worker.version_vector()
-            await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv))
+            yours = ()
+            if self.member is not None and hasattr(ctx, "checkpoints_for"):
+                yours = await ctx.checkpoints_for(self.member.site, vv[self.member.site])
+            await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv, yours))
             # The first task to fail records why and cancels the others, so the
             # reason leaves here as itself, not wrapped in an ExceptionGroup
             # (trio's nurseries are strict) that no handler below would match.
@@ -523,6 +526,8 @@ class Connection:
                         log.warning("peer %s tracks a different schema; changes to tables or columns "
                                     "unknown here will be held until they are tracked", self.label)
                     self.ctx.on_hello(self, ev)
+                    if ev.yours and hasattr(self.ctx, "check_checkpoints"):
+                        await self.ctx.check_checkpoints(self, ev.yours)
                     self._hello.set()
                 elif t is Error:
                     if ev.code == "not-a-member":

@@ -34,6 +34,7 @@ from .events import Ack, BatchEvent, Error, Event, Hello, Members, Ping, Pong, e
 from .limits import (
     FRAME_HEADER_LEN, LARGE_FRAME, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
     MAX_FRAME, MAX_FRAME_OBJECTS, MAX_MAP_LEN, MAX_MEMBER_EVENT_BYTES, MAX_MEMBER_EVENTS, MAX_MEMBER_HEADS,
+    MAX_CHECKPOINTS,
     MAX_SCHEMA_LEN,
     MEMBER_HASH_LEN, MAX_STR_LEN, MAX_VALUE_BYTES, MAX_VV_ENTRIES, PROTOCOL_VERSION,
     SITE_ID_LEN, U63_MAX,
@@ -82,7 +83,13 @@ def _encode_hello(e: Hello) -> list:
         raise _Bad(f"vv must be a VersionVector, got {type(e.vv).__name__}")
     if len(e.vv) > MAX_VV_ENTRIES:
         raise _Bad(f"version vector has {len(e.vv)} sites (limit {MAX_VV_ENTRIES})")
-    return [HELLO, e.protocol_version, e.site_id, e.schema, e.wall_ms, dict(e.vv.items())]
+    if len(e.yours) > MAX_CHECKPOINTS:
+        raise _Bad(f"{len(e.yours)} checkpoints (limit {MAX_CHECKPOINTS})")
+    for d, root in e.yours:
+        _u63(d, "checkpoint db version")
+        _bytes(root, 32, "checkpoint root")
+    return [HELLO, e.protocol_version, e.site_id, e.schema, e.wall_ms, dict(e.vv.items()),
+            [[d, root] for d, root in e.yours]]
 
 
 def _encode_batch(e: BatchEvent) -> list:
@@ -231,7 +238,7 @@ def decode_body(body: bytes, max_objects: int = MAX_FRAME_OBJECTS) -> Event:
         raise LocalProtocolError("bad-frame", f"peer sent a malformed {name}: {e}") from None
 
 
-def _decode_hello(version, site, schema, wall_ms, vv) -> Hello:
+def _decode_hello(version, site, schema, wall_ms, vv, yours) -> Hello:
     _u63(version, "protocol version")
     _site(site, "site id")
     _bytes(schema, MAX_SCHEMA_LEN, "schema fingerprint")
@@ -241,7 +248,17 @@ def _decode_hello(version, site, schema, wall_ms, vv) -> Hello:
     for s, n in vv.items():
         _site(s, "version vector site id")
         _u63(n, "version vector entry")
-    return Hello(version, site, schema, wall_ms, VersionVector(vv))
+    if type(yours) not in (list, tuple) or len(yours) > MAX_CHECKPOINTS:
+        raise _Bad(f"checkpoints must be a list of at most {MAX_CHECKPOINTS}")
+    points = []
+    for item in yours:
+        if type(item) not in (list, tuple) or len(item) != 2:
+            raise _Bad("a checkpoint must be [db version, root]")
+        _u63(item[0], "checkpoint db version")
+        if type(item[1]) is not bytes or len(item[1]) != 32:
+            raise _Bad("a checkpoint root must be 32 bytes")
+        points.append((item[0], item[1]))
+    return Hello(version, site, schema, wall_ms, VersionVector(vv), tuple(points))
 
 
 def _decode_batch(seq, more, *wire) -> BatchEvent:
@@ -259,7 +276,7 @@ def _decode_error(code, message) -> Error:
 
 
 _DECODERS = {
-    HELLO: ("Hello", 5, _decode_hello),
+    HELLO: ("Hello", 6, _decode_hello),
     BATCH: ("Batch", 8, _decode_batch),
     ACK: ("Ack", 1, lambda seq: Ack(_u63(seq, "seq", lo=1))),
     PING: ("Ping", 1, lambda token: Ping(_u63(token, "token"))),

@@ -16,6 +16,9 @@ class Hello:
     schema: bytes             # fingerprint of the tracked schema, at most 64 bytes
     wall_ms: int              # sender's wall clock, milliseconds since the epoch
     vv: VersionVector
+    # (db version, root) of some of the receiver's own versions as the sender holds them (the newest,
+    # then 1, 2, 4... below it): a receiver whose own roots differ was rolled back or cloned
+    yours: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

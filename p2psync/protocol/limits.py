@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..model.change import INT64_MAX, INT64_MIN, MAX_COLUMNS, MAX_NAME_LEN, MAX_PK_COLUMNS, MAX_VALUE_BYTES
 from ..model.version_vector import SITE_ID_LEN
 
-PROTOCOL_VERSION = 3     # 3: batches carry signed versions (proofs)
+PROTOCOL_VERSION = 4     # 3: batches carry signed versions (proofs); 4: Hello carries checkpoints
 
 FRAME_HEADER_LEN = 4                     # big-endian body length
 MAX_FRAME = 16 * 1024 * 1024             # body bytes; checked before the body is buffered
@@ -19,6 +19,7 @@ MAX_BATCH_RANGES = 10_000                # ranges in one BatchEvent
 MAX_BATCH_PROOFS = 110_000               # signed versions in one BatchEvent (one per version of its changes
                                          # and of its ranges)
 MAX_VV_ENTRIES = 10_000                  # sites in a Hello's version vector
+MAX_CHECKPOINTS = 64                     # (dbv, root) pairs of the receiver's versions in a Hello
 MAX_SCHEMA_LEN = 64                      # bytes of schema fingerprint in a Hello
 MAX_MEMBER_HEADS = 64                    # heads in a Members event
 MAX_MEMBER_EVENTS = 10_000               # events in a Members event

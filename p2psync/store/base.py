@@ -21,6 +21,8 @@ class ApplyResult:
     cut: dict = field(default_factory=dict)        # site -> (range end claimed, end kept): unattested ranges
     conflicts: int = 0          # versions signed twice with different contents (a clone or a rollback)
     bad_proofs: int = 0         # proofs with a signature that does not verify (a forger: honest peers check first)
+    behind: int | None = None   # a peer holds our own site's versions past this one, or other contents for them:
+                                # this database was rolled back or cloned (SqliteStore._behind)
 
 
 @dataclass(frozen=True)

@@ -457,6 +457,7 @@ class SqliteStore:
                                       f"(SELECT new FROM temp._p2p_renumber WHERE old = {v_col}) "
                                       f"WHERE {s_col} = ? AND {v_col} > ?", (new_idx, old_idx, after))
             self.conn.execute("DELETE FROM _p2p_versions WHERE site = ? AND dbv > ?", (old, after))
+            self.conn.execute("DELETE FROM _p2p_version_conflicts WHERE site = ? AND dbv > ?", (old, after))
             self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (old, after))
             self.conn.execute("INSERT OR REPLACE INTO _p2p_vv VALUES (?, ?)", (new_site, len(versions)))
             self.conn.execute("UPDATE _p2p_state SET site_id = ?, dbv = ?, incarnation = randomblob(16)",
@@ -464,6 +465,34 @@ class SqliteStore:
             self.site_id, self.local_idx = new_site, new_idx
             self._stamped = len(versions)
         return len(versions)
+
+    def checkpoints(self, site: bytes, top: int) -> tuple[tuple[int, bytes], ...]:
+        """(db version, root) of ``site``'s versions we hold proofs of, at ``top`` and 1, 2, 4... below it:
+        what a Hello tells ``site`` of its own versions, so that a rolled-back or cloned copy notices."""
+        out, step, d = [], 1, top
+        while d >= 1 and len(out) < 64:
+            rows = self.conn.execute("SELECT root FROM _p2p_versions WHERE site = ? AND dbv = ?", (site, d)).fetchall()
+            if rows:
+                out.append((d, rows[0][0]))
+            d, step = top - step, step * 2
+        return tuple(out)
+
+    def split_point(self, checkpoints) -> int | None:
+        """Given a peer's checkpoints of our own versions: None if they agree with ours; else the newest
+        version below the first disagreement that we share with the peer (0 if none): this database was
+        rolled back or cloned, and our versions after it must not be used again."""
+        dbv = self._state()[0]
+        agree, differ = [], []
+        for d, root in checkpoints:
+            mine = self._known_root(self.site_id, d) if d <= dbv else None
+            if d > dbv or (mine is not None and mine != root):
+                differ.append(d)
+            elif mine == root:
+                agree.append(d)
+        if not differ:
+            return None
+        first = min(differ)
+        return max([d for d in agree if d < first] + [0])
 
     def sign_versions(self) -> int:
         """Sign our versions stamped while no signer was set (by a tool, or before an upgrade); how many."""
@@ -585,10 +614,12 @@ class SqliteStore:
             verifier, hasher = self.attestor()
             att = attest(batch, verifier, hasher, known=self._known_root)
             batch = att.batch
+        behind = self._behind(batch, att) if att is not None else None
         with self._write():
             if att is not None:
                 self._store_proofs(att)
-            self._catch_up_own(batch)
+            if behind is None:
+                self._catch_up_own(batch)
             self._stamp_locked(now_ms)
             clock = Hlc(self._state()[1], self.max_clock_skew_ms)
             held, ready = self._screen(batch.changes, now_ms)
@@ -606,7 +637,18 @@ class SqliteStore:
             return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv)
         return ApplyResult(cells_won=merged, held=len(held) - len(refused), vv=vv, refused=att.refused,
                            refusals=tuple(att.reasons), cut=att.cut, conflicts=len(att.conflicts),
-                           bad_proofs=att.bad_proofs)
+                           bad_proofs=att.bad_proofs, behind=behind)
+
+    def _behind(self, batch: Batch, att) -> int | None:
+        """If the peer holds versions of our own site that this database does not (ahead of it, or with
+        other contents), the newest version we still share with it: this database was rolled back
+        with its home (a VM snapshot) or cloned, and must continue under a new site id. Else None."""
+        dbv = self._state()[0]
+        own = [p.dbv for p in att.conflicts if p.site == self.site_id]
+        ahead = any(r.site == self.site_id and r.hi > dbv for r in batch.ranges)
+        if not own and not ahead:
+            return None
+        return min([dbv] + [d - 1 for d in own])
 
     def _store_proofs(self, att) -> None:
         self.conn.executemany("INSERT OR IGNORE INTO _p2p_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
