@@ -475,6 +475,10 @@ class Agent:
             self.schema = self.store.schema_fingerprint()
             if await self.worker.release_held(False):        # held cells of columns tracked now
                 self.bus.notify()
+            if self.links:   # a Hello carries the schema: sessions start again, so peers' status is right
+                log.info("the tracked schema changed: reconnecting to %d peers so they see it", len(self.links))
+                for link in list(self.links.values()):
+                    link.scope.cancel()
         if n is not None:
             log.debug("stamped local writes as db version %d", n)
             if self.store.signer is None and not self._unsigned_warned:
