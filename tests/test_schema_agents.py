@@ -74,3 +74,17 @@ def test_a_column_added_while_running_reaches_a_device_on_the_old_schema_then_ev
     assert rows[10][4] == "red" and rows[1][4] == "blue" and rows[2][4] == "green"
     wait_until(lambda: b.status()["held"]["count"] == 0, what="B's held cells to apply")
     lab.check_alive()
+
+
+def test_track_while_the_agents_run_takes_effect_at_once(lab):
+    a, b = pair(lab)
+    for d in (a, b):
+        d.execute("CREATE TABLE notes(id TEXT PRIMARY KEY, body TEXT)")
+    a.execute("INSERT INTO notes VALUES ('n1', 'written before track')")
+    a.cli("track", "notes")
+    b.cli("track", "notes")
+    a.execute("INSERT INTO notes VALUES ('n2', 'written after track')")
+    wait_until(lambda: sorted(b.query("SELECT id, body FROM notes")) == [
+        ("n1", "written before track"), ("n2", "written after track")], what="B to get A's notes")
+    assert "notes" in a.status()["tracked"]
+    lab.check_alive()
