@@ -139,19 +139,27 @@ def test_a_value_written_behind_captures_back_is_not_sent_and_the_rest_of_its_ve
         s.track("t")
         stores.append(s)
     a, b = stores
-    app = sqlite3.connect(a.path, isolation_level=None)
-    app.executescript("BEGIN; INSERT INTO t VALUES (1, 'one'); INSERT INTO t VALUES (2, 'two'); COMMIT;")
+    # the application, through apsw here: closing a stdlib sqlite3 connection would drop the locks of
+    # the store's apsw connections to the same file (two SQLite libraries in one process)
+    import apsw
+    app = apsw.Connection(str(a.path))
+    app.execute("BEGIN; INSERT INTO t VALUES (1, 'one'); INSERT INTO t VALUES (2, 'two'); COMMIT;")
     a.stamp(1_700_000_000_000)
     # behind capture's back: no trigger logs this update (a tool that dropped and recreated them)
-    sql = app.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_p2p_upd_t'").fetchone()[0]
-    app.executescript(f"DROP TRIGGER _p2p_upd_t; UPDATE t SET v = 'changed unseen' WHERE id = 2; {sql};")
+    sql = app.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_p2p_upd_t'").fetchall()[0][0]
+    app.execute(f"DROP TRIGGER _p2p_upd_t; UPDATE t SET v = 'changed unseen' WHERE id = 2; {sql};")
     app.close()
     with caplog.at_level("WARNING", logger="p2psync.store"):
         results = transfer(a, b, 1_700_000_000_000)
     assert all(not r.refused and not r.cut for r in results)
     assert "no longer hold what was signed" in caplog.text
-    rows = sqlite3.connect(b.path).execute("SELECT id, v FROM t ORDER BY id").fetchall()
-    assert rows == [(1, "one")]          # row 2 waits for reconciliation (issue 11); nothing forged applied
+    def b_rows():   # through B's own (apsw) connection: a second SQLite library on an open file breaks its locks
+        return b.conn.execute("SELECT id, v FROM t ORDER BY id").fetchall()
+
+    assert b_rows() == [(1, "one"), (2, None)]   # row 2 exists; its altered cell is not sent under the old signature
+    assert [f.updated for f in a.reconcile(1_700_000_000_001)] == [1]   # ... but as A's new write
+    transfer(a, b, 1_700_000_000_001)
+    assert b_rows() == [(1, "one"), (2, "changed unseen")]
     a.close()
     b.close()
 

@@ -257,3 +257,44 @@ def test_a_captured_write_does_not_hide_an_uncaptured_one_to_another_column_of_t
     assert (f.inserted, f.updated, f.deleted) == (0, 1, 0)
     sync_all([a, b], now_ms())
     assert app.query(pb, "SELECT name, qty FROM items WHERE id = 6") == [("captured", 600)]
+
+
+def test_a_captured_insert_deleted_behind_capture_before_its_stamp_is_synced_as_deleted(app, make):
+    """Found by the schema convergence property test: the insert is stamped (the row is alive for
+    p2psync) after the row was already gone; peers must not keep a row of NULLs."""
+    a, pa, b, pb = seeded(make, app, n=2)
+    app.execute(pa, "INSERT INTO items VALUES (50, 'short-lived', 1)")
+    raw = apsw.Connection(str(pa))
+    raw.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+    raw.execute("DELETE FROM items WHERE id = 50")
+    raw.close()
+    sync_all([a, b], now_ms())
+    a.reconcile(now_ms())
+    sync_all([a, b], now_ms())
+    assert app.query(pb, "SELECT count(*) FROM items WHERE id = 50") == [(0,)]
+    assert rows(app, pa) == rows(app, pb)
+
+
+def test_a_forwarded_cell_changed_behind_capture_is_not_sent_under_its_origins_signature(app, make):
+    """B forwards A's version to C; B's copy of one cell was changed behind capture on B: C must
+    get the rest of A's version (verified) and B's new value later as B's own write."""
+    from storeutil import SigningGroup
+    group = SigningGroup()
+    a, pa = make("a", SITE_A, ITEMS)
+    b, pb = make("b", SITE_B, ITEMS)
+    c, pc = make("c", b"C" * 16, ITEMS)
+    for s in (a, b, c):
+        group.arm(s)
+    app.tx(pa, [("INSERT INTO items VALUES (?, ?, ?)", (i, f"item {i}", i)) for i in range(3)])
+    a.stamp(now_ms())
+    transfer(a, b, now_ms())
+    raw = apsw.Connection(str(pb))
+    raw.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+    raw.execute("UPDATE items SET qty = 99 WHERE id = 1")
+    raw.close()
+    results = transfer(b, c, now_ms())
+    assert all(not r.refused for r in results), [r.refusals for r in results]
+    assert app.query(pc, "SELECT id, name FROM items ORDER BY id") == [(0, "item 0"), (1, "item 1"), (2, "item 2")]
+    b.reconcile(now_ms())
+    transfer(b, c, now_ms())
+    assert app.query(pc, "SELECT qty FROM items WHERE id = 1") == [(99,)]

@@ -159,39 +159,50 @@ def _mask(old: bytes, new: bytes, ncols: int) -> int:
 
 
 def differences(conn: apsw.Connection, t: TableSpec, keys: list[tuple] | None = None) -> Differences:
-    """What differs between ``t`` and its digests: every row, or only ``keys``."""
+    """What differs between ``t`` and what p2psync last recorded of it: every row, or only ``keys``.
+
+    Inserted: a row with no digest, or one the metadata holds as deleted. Deleted: a row the
+    metadata holds as existing (or that has a digest) but the table lacks -- also a row whose
+    captured insert was stamped after it had been deleted behind capture. Updated: digests differ.
+    """
     npk, ncols = len(t.pk), len(t.cols)
-    dig, tbl = t.obj("digest"), q(t.name)
+    dig, meta, tbl = t.obj("digest"), t.obj("meta"), q(t.name)
     out = Differences()
     if keys is not None:
         if not keys:
             return out
-        tmp = f"_p2p_keys{npk}"
-        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp}({', '.join(f'k{i}' for i in range(npk))})")
-        conn.execute(f"DELETE FROM temp.{tmp}")
-        conn.executemany(f"INSERT INTO temp.{tmp} VALUES ({', '.join('?' * npk)})", keys)
-        src_b = f"temp.{tmp} k JOIN {tbl} b ON " + " AND ".join(f"b.{q(c)} = k.k{i}" for i, c in enumerate(t.pk))
-        src_d = f"temp.{tmp} k JOIN {dig} d ON " + " AND ".join(f"d.{q(c)} = k.k{i}" for i, c in enumerate(t.pk))
+        tmp = _keys_table(conn, npk, keys)
+        src_b = f"{tmp} k JOIN {tbl} b ON " + " AND ".join(f"b.{q(c)} = k.k{i}" for i, c in enumerate(t.pk))
+        src_d = f"{tmp} k JOIN {dig} d ON " + " AND ".join(f"d.{q(c)} = k.k{i}" for i, c in enumerate(t.pk))
+        src_m = f"{tmp} k JOIN {meta} m ON " + " AND ".join(f"m.{q(c)} = k.k{i}" for i, c in enumerate(t.pk))
     else:
-        src_b, src_d = f"{tbl} b", f"{dig} d"
-    # +b.x: without affinity, as the digest's key columns are (else SQLite cannot use their index)
-    on = " AND ".join(f"d.{q(c)} = +b.{q(c)}" for c in t.pk)
+        src_b, src_d, src_m = f"{tbl} b", f"{dig} d", f"{meta} m"
+    # +b.x: without affinity, as our key columns are (else SQLite cannot use their index)
+    on_d = " AND ".join(f"d.{q(c)} = +b.{q(c)}" for c in t.pk)
+    on_m = " AND ".join(f"m.{q(c)} = +b.{q(c)}" for c in t.pk)
     pk_b = ", ".join(f"b.{q(c)}" for c in t.pk)
     not_null = " AND ".join(f"b.{q(c)} IS NOT NULL" for c in t.pk)
-    sql = (f"SELECT {pk_b}, d.d, {_row_expr(t, 'b')} AS now FROM {src_b} LEFT JOIN {dig} d ON {on} "
-           f"WHERE {not_null} AND d.d IS NOT now")
+    sql = (f"SELECT {pk_b}, d.d, {_row_expr(t, 'b')} AS now, m.e_a FROM {src_b} LEFT JOIN {dig} d ON {on_d} "
+           f"LEFT JOIN {meta} m ON {on_m} WHERE {not_null} AND (d.d IS NOT now OR m.e_a IS NOT 1)")
     for row in conn.execute(sql):
-        pk, old, new = tuple(row[:npk]), row[npk], row[npk + 1]
-        if old is None:
+        pk, old, new, alive = tuple(row[:npk]), row[npk], row[npk + 1], row[npk + 2]
+        if old is None or alive != 1:
             out.inserted.append(pk)
         else:
             mask = _mask(old, new, ncols)
             if mask:
                 out.updated.append((pk, mask))
-    gone = " AND ".join(f"b.{q(c)} = d.{q(c)}" for c in t.pk)
-    out.deleted = [tuple(r) for r in conn.execute(
-        f"SELECT {', '.join(f'd.{q(c)}' for c in t.pk)} FROM {src_d} WHERE NOT EXISTS "
-        f"(SELECT 1 FROM {tbl} b WHERE {gone})")]
+    def gone(alias: str) -> str:
+        return " AND ".join(f"b.{q(c)} = {alias}.{q(c)}" for c in t.pk)
+    seen = set()
+    for sql in (f"SELECT {', '.join(f'd.{q(c)}' for c in t.pk)} FROM {src_d} "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {tbl} b WHERE {gone('d')})",
+                f"SELECT {', '.join(f'm.{q(c)}' for c in t.pk)} FROM {src_m} "
+                f"WHERE m.e_a = 1 AND NOT EXISTS (SELECT 1 FROM {tbl} b WHERE {gone('m')})"):
+        for r in conn.execute(sql):
+            if tuple(r) not in seen:
+                seen.add(tuple(r))
+                out.deleted.append(tuple(r))
     return out
 
 

@@ -401,33 +401,46 @@ class ChangeReader:
             yield Batch(batch.changes, batch.ranges, tuple(proofs)), False
 
     def _check_own(self, batch: Batch, signed: dict) -> Batch:
-        """``batch`` without our own cells whose value is not what we signed.
+        """``batch`` without the cells whose value is not what their origin signed.
 
-        Such a cell was written behind capture's back (triggers dropped or disabled, a rebuilt
-        table): its receivers would refuse the whole version and take us for a forger. It is
-        left out and logged; the rest of its version goes with the version's leaves.
+        Such a cell was written here behind capture's back (triggers dropped or disabled, a rebuilt
+        table), over our own write or one we forward: its receivers would refuse the whole version
+        (and take us for a forger if it is ours). Only that
+        cell is left out -- the row's other cells and its existence still go, with the version's
+        leaves, since nothing else would ever send them again -- and reconciliation stamps the new
+        value as a version of its own (store/digests.py). Logged.
         """
-        own, hasher = self.signer.site, self.signer.leaves
-        drop = []
-        for i, c in enumerate(batch.changes):
-            if c.site != own:
-                continue
-            key = (own, c.dbv)
+        hasher = self.signer.leaves
+        out, dropped, first = [], 0, None
+        for c in batch.changes:
+            key = (c.site, c.dbv)
             if key not in signed:
-                p = self.proof(own, c.dbv, leaves=True)
+                p = self.proof(c.site, c.dbv, leaves=True)
                 joined = p.leaves if p is not None else b""
                 signed[key] = frozenset(joined[j:j + 32] for j in range(0, len(joined), 32)) if joined else None
             leaves = signed[key]
-            if leaves is not None and not leaves.issuperset(hasher(c)):
-                drop.append(i)
-        if not drop:
+            cells = hasher(c)
+            if leaves is None or leaves.issuperset(cells):
+                out.append(c)
+                continue
+            head = 1 if c.alive is not None else 0
+            if head and cells[0] not in leaves:
+                dropped += 1 + len(c.columns)   # not even its existence was signed so: nothing of it goes
+                first = first or c
+                continue
+            keep = [i for i, leaf in enumerate(cells[head:]) if leaf in leaves]
+            dropped += len(c.columns) - len(keep)
+            first = first or c
+            if keep or head:
+                out.append(c._replace(columns=tuple(c.columns[i] for i in keep),
+                                      values=tuple(c.values[i] for i in keep)))
+        if not dropped:
             return batch
-        first = batch.changes[drop[0]]
-        log.warning("%d rows of this device's version %d (first: table %r, key %r) no longer hold what was "
-                    "signed for them: they were written while capture was bypassed (triggers dropped or "
-                    "disabled, a table rebuilt); they are not sent", len(drop), first.dbv, first.table, first.pk)
-        gone = set(drop)
-        return Batch(tuple(c for i, c in enumerate(batch.changes) if i not in gone), batch.ranges, batch.proofs)
+        log.warning("%d cells of version %d of %s (first: table %r, key %r) no longer hold what was "
+                    "signed for them here: they were written while capture was bypassed (triggers dropped or "
+                    "disabled, a table rebuilt); they are not sent, and reconciliation syncs their new values",
+                    dropped, first.dbv, first.site.hex()[:12], first.table, first.pk)
+        return Batch(tuple(out), batch.ranges, batch.proofs)
 
     def batches(self, peer_vv: VersionVector, max_changes: int, max_bytes: int) -> Iterator[tuple[Batch, bool]]:
         """Batches of everything ``peer_vv`` lacks; (batch, more) pairs."""
