@@ -726,6 +726,8 @@ def run_agent(device: Device, config: Config) -> int:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     await n.start(agent.run)
                     agent.on_continue = n.cancel_scope.cancel
+                    if agent.continue_reason is not None:   # decided while starting
+                        n.cancel_scope.cancel()
                     async for sig in signals:
                         log.info("%s received: closing connections", signal.Signals(sig).name)
                         agent.notifier.stopping()

@@ -139,6 +139,7 @@ class GroupService:
         async with self._lock:
             for ev in new:
                 log.info("membership: %s by %s", ev.kind, self.members.who(ev.signer))
+            self._check_succeeded()   # before any await: the session that brought it may be ending
             if persist:
                 await self.agent.worker.call(self.agent.store.add_member_events, self.members.pairs(new))
                 self.mark = await self.agent.worker.call(self.agent.store.member_mark)
@@ -174,12 +175,7 @@ class GroupService:
         if me is not None:
             self.agent.stop_syncing(self.removal_text())
             return
-        mine = self.members.me
-        if mine is not None and mine.state == "succeeded":
-            # a successor of our site that we did not sign: a copy of this device (home and database) runs
-            self.agent.continue_elsewhere(
-                f"a copy of this device (its home and database copied elsewhere) continues as "
-                f"{self.members.who(mine.successors[-1])}, which retires this site id")
+        if self._check_succeeded():
             return
         for key, link in list(self.agent.links.items()):
             if not link.conn.admitted:
@@ -196,6 +192,17 @@ class GroupService:
                     except Exception:
                         pass
                 link.scope.cancel()
+
+    def _check_succeeded(self) -> bool:
+        """A successor of our site that we did not sign: a copy of this device (home and database) runs
+        elsewhere and retired our site id; we continue under a successor of our own (agent/incarnation.py)."""
+        mine = self.members.me
+        if mine is None or mine.state != "succeeded":
+            return False
+        self.agent.continue_elsewhere(
+            f"a copy of this device (its home and database copied elsewhere) continues as "
+            f"{self.members.who(mine.successors[-1])}, which retires this site id")
+        return True
 
     def removal_text(self) -> str:
         me = self.members.removed_self()
