@@ -152,3 +152,39 @@ def test_a_vm_rolled_back_with_its_home_loses_no_write(lab, tmp_path):
     assert set(range(1, 6)) | set(range(10, 20)) | set(range(30, 35)) | {40} <= ids, sorted(ids)
     assert "rolled back" in (a.status().get("incarnation") or "")
     assert authenticity_conflicts(a) == [] and authenticity_conflicts(b) == []
+
+
+def test_a_peers_checkpoints_count_only_with_this_devices_own_signature(tmp_path):
+    """A member (or anyone in a session) claiming in its Hello that our versions have other contents
+    must not make us give up our site id and re-stamp: only a proof we signed ourselves does."""
+    from p2psync.model.attest import Signer
+    from p2psync.store import SqliteStore
+    from storeutil import SigningGroup, _private_of
+
+    db = tmp_path / "a.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)")
+    c.close()
+    group = SigningGroup()
+    a = group.arm(SqliteStore(db, b"A" * 16))
+    try:
+        a.track("items")
+        for i in range(3):
+            a.conn.execute("INSERT INTO items VALUES (?, 'x')", (i,))
+            a.stamp(1_700_000_000_000 + i)
+        real = {p.dbv: p for p in a.proofs(a.site_id)}
+        top = max(real)
+        forged = [(top, 1, 1, b"x" * 32, b"y" * 64), (top + 5, 1, 1, b"x" * 32, b"y" * 64)]
+        assert a.split_point(forged) is None                      # unsigned claims move nothing
+        stranger = Signer(group.GROUP, a.site_id, _private_of(b"M" * 16), group.key)  # a member's key, our site id
+        p = stranger.sign(top, 1, [b"z" * 32])
+        assert a.split_point([(top, p.hlc, p.count, p.root, p.signature)]) is None
+        mine = Signer(group.GROUP, a.site_id, _private_of(a.site_id), group.key)
+        other = mine.sign(top, 1, [b"z" * 32])                    # a copy of us signed another content
+        shared = real[top - 1]
+        assert a.split_point([(top, other.hlc, other.count, other.root, other.signature),
+                              (shared.dbv, shared.hlc, shared.count, shared.root, shared.signature)]) == top - 1
+        assert a.split_point([(d, p.hlc, p.count, p.root, p.signature) for d, p in real.items()]) is None
+        assert a.checkpoints(a.site_id, top)[0][0] == top
+    finally:
+        a.close()

@@ -412,7 +412,7 @@ def test_frames_split_at_every_byte_decode_the_same():
 def _valid_bodies() -> dict[str, list]:
     w = _to_wire(batch(change(1), change(2), ranges=(Range(SITE_A, 0, 2),)))
     return {
-        "hello": [1, PROTOCOL_VERSION, SITE_A, b"fp", 123, {SITE_C: 4}, [[3, b"r" * 32]]],
+        "hello": [1, PROTOCOL_VERSION, SITE_A, b"fp", 123, {SITE_C: 4}, [[3, 9, 2, b"r" * 32, b"s" * 64]]],
         "batch": [2, 1, False, *w],
         "ack": [3, 1], "ping": [4, 7], "pong": [5, 7], "error": [6, "code", "message"],
     }
@@ -454,8 +454,8 @@ BAD_FIELDS = [
     ("hello", [4], 1 << 63), ("hello", [4], 1.0), ("hello", [5], [[SITE_C, 4]]), ("hello", [5], {SITE_C: True}),
     ("hello", [5], {SITE_C: -4}), ("hello", [5], {"x" * 16: 4}), ("hello", [5], {b"short": 4}),
     ("hello", [1], True), ("hello", [5], DEL), ("hello", [7], "extra"), ("hello", [6], DEL),
-    ("hello", [6], "x"), ("hello", [6, 0], [3]), ("hello", [6, 0, 1], b"r" * 31), ("hello", [6, 0, 0], -1),
-    ("hello", [6], [[1, b"r" * 32]] * 65),
+    ("hello", [6], "x"), ("hello", [6, 0], [3]), ("hello", [6, 0, 3], b"r" * 31), ("hello", [6, 0, 0], -1),
+    ("hello", [6, 0, 4], b"s" * 63), ("hello", [6, 0, 1], -1), ("hello", [6], [[1, 9, 2, b"r" * 32, b"s" * 64]] * 65),
     ("batch", [1], True), ("batch", [1], 0), ("batch", [1], -1), ("batch", [1], 1 << 63), ("batch", [1], "1"),
     ("batch", [2], 0), ("batch", [2], None), ("batch", [3], [b"x" * 15]), ("batch", [3], ["s" * 16]),
     ("batch", [3], {}), ("batch", [4], [""]), ("batch", [4], [b"items"]), ("batch", [4], ["t" * 256]),

@@ -85,11 +85,14 @@ def _encode_hello(e: Hello) -> list:
         raise _Bad(f"version vector has {len(e.vv)} sites (limit {MAX_VV_ENTRIES})")
     if len(e.yours) > MAX_CHECKPOINTS:
         raise _Bad(f"{len(e.yours)} checkpoints (limit {MAX_CHECKPOINTS})")
-    for d, root in e.yours:
+    for d, hlc, count, root, sig in e.yours:
         _u63(d, "checkpoint db version")
+        _u63(hlc, "checkpoint hlc")
+        _u63(count, "checkpoint count")
         _bytes(root, 32, "checkpoint root")
+        _bytes(sig, 64, "checkpoint signature")
     return [HELLO, e.protocol_version, e.site_id, e.schema, e.wall_ms, dict(e.vv.items()),
-            [[d, root] for d, root in e.yours]]
+            [list(c) for c in e.yours]]
 
 
 def _encode_batch(e: BatchEvent) -> list:
@@ -252,12 +255,15 @@ def _decode_hello(version, site, schema, wall_ms, vv, yours) -> Hello:
         raise _Bad(f"checkpoints must be a list of at most {MAX_CHECKPOINTS}")
     points = []
     for item in yours:
-        if type(item) not in (list, tuple) or len(item) != 2:
-            raise _Bad("a checkpoint must be [db version, root]")
-        _u63(item[0], "checkpoint db version")
-        if type(item[1]) is not bytes or len(item[1]) != 32:
-            raise _Bad("a checkpoint root must be 32 bytes")
-        points.append((item[0], item[1]))
+        if type(item) not in (list, tuple) or len(item) != 5:
+            raise _Bad("a checkpoint must be [db version, hlc, count, root, signature]")
+        d, hlc, count, root, sig = item
+        _u63(d, "checkpoint db version")
+        _u63(hlc, "checkpoint hlc")
+        _u63(count, "checkpoint count")
+        if type(root) is not bytes or len(root) != 32 or type(sig) is not bytes or len(sig) != 64:
+            raise _Bad("a checkpoint needs a 32-byte root and a 64-byte signature")
+        points.append((d, hlc, count, root, sig))
     return Hello(version, site, schema, wall_ms, VersionVector(vv), tuple(points))
 
 

@@ -16,9 +16,10 @@ class Hello:
     schema: bytes             # fingerprint of the tracked schema, at most 64 bytes
     wall_ms: int              # sender's wall clock, milliseconds since the epoch
     vv: VersionVector
-    # (db version, root) of some of the receiver's own versions as the sender holds them (the newest,
-    # then 1, 2, 4... below it): a receiver whose own roots differ was rolled back or cloned
-    yours: tuple[tuple[int, bytes], ...] = ()
+    # Proofs (db version, hlc, count, root, signature) of some of the receiver's own versions as the
+    # sender holds them (the newest, then 1, 2, 4... below it): a receiver whose own signature is on
+    # a root it does not hold was rolled back or cloned. Unsigned claims move nothing.
+    yours: tuple[tuple[int, int, int, bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 import apsw
 
 from ..model import Batch, Change, Hlc, VersionVector
-from ..model.attest import Proof, Signer, attest
+from ..model.attest import Proof, Signer, Verifier, attest
 from ..model.change import check_batch
 from .base import ApplyResult, HeldChange
 from . import digests
@@ -53,6 +53,7 @@ MAX_IDLE_READERS = 4
 HELD_TABLE_BYTES = 64 << 20     # held changes kept per table (bytes of their stored form)
 HELD_TOTAL_BYTES = 256 << 20    # and for all tables together
 RELEASE_CHUNK = 2000            # held changes released per write transaction
+MAX_CHECKPOINTS = 64            # proofs of a peer's own versions in our Hello (protocol/limits.py)
 FOUND_KEPT = 20                 # reconciliation findings kept for `status`
 INT64_MAX = (1 << 63) - 1
 
@@ -466,29 +467,39 @@ class SqliteStore:
             self._stamped = len(versions)
         return len(versions)
 
-    def checkpoints(self, site: bytes, top: int) -> tuple[tuple[int, bytes], ...]:
-        """(db version, root) of ``site``'s versions we hold proofs of, at ``top`` and 1, 2, 4... below it:
-        what a Hello tells ``site`` of its own versions, so that a rolled-back or cloned copy notices."""
-        out, step, d = [], 1, top
-        while d >= 1 and len(out) < 64:
-            rows = self.conn.execute("SELECT root FROM _p2p_versions WHERE site = ? AND dbv = ?", (site, d)).fetchall()
-            if rows:
-                out.append((d, rows[0][0]))
-            d, step = top - step, step * 2
-        return tuple(out)
+    def checkpoints(self, site: bytes, top: int) -> tuple[tuple[int, int, int, bytes, bytes], ...]:
+        """The proofs (dbv, hlc, count, root, signature) we hold of ``site``'s versions at ``top`` and
+        1, 2, 4... below it: what a Hello tells ``site`` of its own versions, so that a rolled-back or
+        cloned copy notices (one query)."""
+        wanted, step = [], 1
+        while top - step + 1 >= 1 and len(wanted) < MAX_CHECKPOINTS:
+            wanted.append(top - step + 1)
+            step *= 2
+        if not wanted:
+            return ()
+        return tuple(self.conn.execute(
+            f"SELECT dbv, hlc, count, root, sig FROM _p2p_versions WHERE site = ? AND dbv IN "
+            f"({', '.join('?' * len(wanted))}) ORDER BY dbv DESC", (site, *wanted)).fetchall())
 
     def split_point(self, checkpoints) -> int | None:
-        """Given a peer's checkpoints of our own versions: None if they agree with ours; else the newest
-        version below the first disagreement that we share with the peer (0 if none): this database was
-        rolled back or cloned, and our versions after it must not be used again."""
+        """Given a peer's proofs of our own versions: None if they agree with ours; else the newest
+        version below the first disagreement that we share with the peer (0 if none): this database
+        was rolled back or cloned, and our versions after it must not be used again.
+
+        A disagreement counts only with our own signature on it (a version we signed and do not
+        hold, or hold with another root): anyone can claim a root, only we can sign one.
+        """
+        if self.signer is None:
+            return None
         dbv = self._state()[0]
+        ours = Verifier(self.signer.group, {self.site_id: self.signer.public})
         agree, differ = [], []
-        for d, root in checkpoints:
+        for d, hlc, count, root, sig in checkpoints:
             mine = self._known_root(self.site_id, d) if d <= dbv else None
-            if d > dbv or (mine is not None and mine != root):
-                differ.append(d)
-            elif mine == root:
+            if mine == root:
                 agree.append(d)
+            elif (d > dbv or mine is not None) and ours.valid(Proof(self.site_id, d, hlc, count, root, sig, b"")):
+                differ.append(d)
         if not differ:
             return None
         first = min(differ)
