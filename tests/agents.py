@@ -469,3 +469,12 @@ def lab(tmp_path):
         yield lab
     finally:
         lab.close()
+
+
+def pair(lab: Lab) -> list[Device]:
+    """Two devices whose agents dial each other, connected."""
+    a, b = lab.devices(2)
+    lab.start(a, peers=[b])
+    lab.start(b, peers=[a])
+    lab.wait_connected(a, b)
+    return [a, b]

@@ -11,18 +11,11 @@ import json
 import threading
 import time
 
-from agents import lab, wait_until  # noqa: F401  (lab is a fixture)
+from agents import lab, pair, wait_until  # noqa: F401  (lab is a fixture)
 
 INSERT = "INSERT INTO items(id, name, qty, note) VALUES (?, ?, ?, ?)"
 
 
-def pair(lab):
-    """Two devices whose agents dial each other, connected."""
-    a, b = lab.devices(2)
-    lab.start(a, peers=[b])
-    lab.start(b, peers=[a])
-    lab.wait_connected(a, b)
-    return a, b
 
 
 def test_rows_updates_and_deletes_propagate_both_ways(lab):

@@ -11,17 +11,11 @@ import sqlite3
 
 import pytest
 
-from agents import lab, wait_until  # noqa: F401  (lab is a fixture)
+from agents import lab, pair, wait_until  # noqa: F401  (lab is a fixture)
 
 INSERT = "INSERT INTO items(id, name, qty, note) VALUES (?, ?, ?, ?)"
 
 
-def pair(lab):
-    a, b = lab.devices(2)
-    lab.start(a, peers=[b])
-    lab.start(b, peers=[a])
-    lab.wait_connected(a, b)
-    return a, b
 
 
 def conflicts(dev) -> int:

@@ -11,17 +11,11 @@ import subprocess
 import sys
 import textwrap
 
-from agents import lab, wait_until  # noqa: F401  (lab is a fixture)
+from agents import lab, pair, wait_until  # noqa: F401  (lab is a fixture)
 
 INSERT = "INSERT INTO items(id, name, qty, note) VALUES (?, ?, ?, ?)"
 
 
-def pair(lab):
-    a, b = lab.devices(2)
-    lab.start(a, peers=[b])
-    lab.start(b, peers=[a])
-    lab.wait_connected(a, b)
-    return a, b
 
 
 def migrate_with_sqlite_utils(db, extra_sql: str) -> None:

@@ -114,6 +114,7 @@ class Agent:
         self.on_continue = None                      # ends the run (run_agent then continues as a successor)
         self.store.on_stamped = self._record_stamp
         self._place = place_of(device.home, device.db_path)
+        self._incarnation = self.store.incarnation()[0]   # fixed for this run (a successor starts a new run)
         self.schema = self.store.schema_fingerprint()
         self._schema_changes = self.store.schema_changes
         self.links: dict[bytes, Link] = {}
@@ -138,7 +139,7 @@ class Agent:
         """After every committed stamp: the home remembers it (identity/succession.py), so a database
         restored to before it is noticed at the next start. A failure to write is logged, not fatal."""
         try:
-            write_record(self.device.home, self.store.site_id, self.store.incarnation()[0], dbv, self._place)
+            write_record(self.device.home, self.store.site_id, self._incarnation, dbv, self._place)
         except OSError as e:
             log.error("cannot record the newest db version in %s: %s (a restored database might then go "
                       "unnoticed until peers report it)", self.device.home, e)

@@ -375,12 +375,14 @@ class SqliteStore:
                 out.append(Found(name, why, len(d.inserted), len(d.updated), len(d.deleted), now_ms, None))
         return out
 
-    def _note_found(self, found: list[Found], dbv: int | None) -> None:
-        for f in found:
-            f = Found(f.table, f.why, f.inserted, f.updated, f.deleted, f.at_ms, dbv)
+    def _note_found(self, found: list[Found], dbv: int | None) -> list[Found]:
+        """Record (for `status`) and log what reconciliation found, stamped as ``dbv``; the records."""
+        out = [Found(f.table, f.why, f.inserted, f.updated, f.deleted, f.at_ms, dbv) for f in found]
+        for f in out:
             self.found.append(f)
             self.found_total += f.inserted + f.updated + f.deleted
             log.warning("%s", f.sentence())
+        return out
 
     def reconcile(self, now_ms: int) -> list[Found]:
         """Compare every tracked table with its digests and sync the writes capture did not see.
@@ -404,9 +406,7 @@ class SqliteStore:
                 return []
             found = self._reconcile_tables({t: "writes made with triggers off, or not seen by them"
                                             for t in candidates}, candidates, now_ms)
-            if found:
-                self._note_found(found, self._stamp_pending(now_ms))
-        return list(self.found)[-len(found):] if found else []
+            return self._note_found(found, self._stamp_pending(now_ms)) if found else []
 
     def capture_state(self) -> dict:
         """For `status`: problems, untracked columns, and what reconciliation found."""
