@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-group", action="append", default=[], metavar="TOKEN",
                    help="admit the group whose `p2psync relay-token` is TOKEN (repeatable; remembered in Postgres)")
     c.add_argument("--admit-only", action="store_true", help="admit the --allow-group tokens, then exit")
+    c.add_argument("--pool-size", type=int, default=None, metavar="N",
+                   help="Postgres connections this relay process uses at most, shared by all its sessions "
+                        "(default 10; plus one for LISTEN)")
+    c.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                   help="device sessions this relay process holds at most; more are told to retry later "
+                        "(default 2000)")
     c.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     return p
 
@@ -564,7 +570,13 @@ def cmd_relay(args) -> int:
                              f"`p2psync relay-token` on a device of the group (tokens of p2psync 0.1 had 64)")
         group_id, found, psk = raw[:16], raw[16:48], raw[48:]
         admit.append((group_ref(psk), psk, group_id, found))
-    return run_relay(args.dsn, listen, admit, admit_only=args.admit_only, log_level=args.log_level)
+    from .store.pg_pool import DEFAULT_SIZE
+    for name, n in (("--pool-size", args.pool_size), ("--max-sessions", args.max_sessions)):
+        if n is not None and n < 1:
+            raise UsageError(f"{name} {n}: must be at least 1")
+    return run_relay(args.dsn, listen, admit, admit_only=args.admit_only, log_level=args.log_level,
+                     pool_size=args.pool_size or DEFAULT_SIZE, max_sessions=args.max_sessions,
+                     shared_reads=os.environ.get("P2PSYNC_RELAY_SHARED_READS", "1") != "0")
 
 
 COMMANDS = {"init": cmd_init, "join": cmd_join, "invite": cmd_invite, "invites": cmd_invites, "track": cmd_track,

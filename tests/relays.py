@@ -22,8 +22,9 @@ class RelayProcess:
     """One `p2psync relay` process; stop() by PID, log kept in a file."""
 
     def __init__(self, dsn: str, log_path: Path, tokens: list[str] = (), port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, args: list[str] = ()):
         self.dsn, self.log_path = dsn, Path(log_path)
+        self.args = list(args)
         self.port = port or free_port()
         self.tokens = list(tokens)
         self.env = dict(env or {})
@@ -42,6 +43,7 @@ class RelayProcess:
                 "--log-level", "debug"]
         for t in self.tokens:
             argv += ["--allow-group", t]
+        argv += self.args
         with open(self.log_path, "a") as log:
             log.write(f"===== {time.strftime('%H:%M:%S')} start relay on {self.address}\n")
             log.flush()
@@ -90,11 +92,11 @@ class RelayProcess:
 
 @pytest.fixture
 def relays(tmp_path):
-    """relays(dsn, tokens) -> a started RelayProcess; all stopped (by PID) afterwards."""
+    """relays(dsn, tokens, args=[...]) -> a started RelayProcess; all stopped (by PID) afterwards."""
     started = []
 
-    def _start(dsn: str, tokens: list[str], port: int | None = None) -> RelayProcess:
-        r = RelayProcess(dsn, tmp_path / f"relay{len(started)}.log", tokens, port=port).start()
+    def _start(dsn: str, tokens: list[str], port: int | None = None, args: list[str] = ()) -> RelayProcess:
+        r = RelayProcess(dsn, tmp_path / f"relay{len(started)}.log", tokens, port=port, args=args).start()
         started.append(r)
         return r
 

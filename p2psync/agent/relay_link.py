@@ -10,13 +10,18 @@ served change that fails authentication is counted, logged and left out
 (with its site's range, so the device asks again later and an honest peer
 can still bring it), and the rest of the batch applies in one transaction
 as usual. Changes from the relay wake the LAN sessions and local changes wake
-the relay session, through the agent's one ChangeBus.
+the relay session, through the agent's one ChangeBus. A relay that is full
+says so (Error ``relay-busy``, "relay busy, retry in N s"): the state shows
+``busy`` with its message and the next dial waits those N s (plus up to half
+again, so a crowd of devices does not come back at once) instead of the
+usual backoff.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, replace
 
@@ -43,6 +48,10 @@ RELAY_BATCH_CHANGES = 20_000
 RELAY_BATCH_BYTES = 4 << 20
 PART_CHANGES = 20_000          # sealed changes per BatchEvent part
 PART_BYTES = 4 << 20           # sealed bytes per BatchEvent part (frames may be 16 MiB)
+BUSY_DEFAULT = 10.0            # s to wait after relay-busy when the relay names no time
+BUSY_MAX = 600.0               # s at most, whatever the relay says
+_BUSY = re.compile(r"peer reported an error: relay-busy: (?P<message>.*)", re.S)
+_RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")
 
 
 @dataclass
@@ -56,6 +65,7 @@ class RelayState:
     since: float = 0.0
     rejected: int = 0
     last_rejection: str | None = None
+    busy_for: float | None = None      # s the relay asked us to wait before the next try (relay-busy)
 
 
 class SealingWorker:
@@ -153,7 +163,13 @@ async def keep_relay_session(agent, host: str, port: int, state: RelayState) -> 
                 with trio.CancelScope(shield=True):
                     await ns.aclose()
             else:
+                state.busy_for = None
                 await _run_session(agent, ns, address, state)
+                if state.busy_for is not None:
+                    state.state = "busy"
+                    await trio.sleep(state.busy_for * random.uniform(1.0, 1.5))
+                    backoff = 0.2
+                    continue
                 if trio.current_time() - started > 10:
                     backoff = 0.2
         state.state = "backoff"
@@ -173,6 +189,11 @@ async def _run_session(agent, ns: NoiseStream, address: str, state: RelayState) 
         log.warning("relay %s: %s", address, e)
     except PeerClosed as e:
         state.last_error = f"session ended: {e}"
+        busy = relay_busy(str(e))
+        if busy is not None:
+            state.busy_for, message = busy
+            state.last_error = f"relay {address} is busy: {message}"
+            log.warning("relay %s is busy; trying again in %g s (it said: %s)", address, state.busy_for, message)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
         state.last_error = f"session lost: {e or 'broken'}"
     except StoreError as e:
@@ -185,6 +206,16 @@ async def _run_session(agent, ns: NoiseStream, address: str, state: RelayState) 
         log.info("relay %s: %s", address, state.last_error or "session closed")
         with trio.CancelScope(shield=True):
             await ns.aclose()
+
+
+def relay_busy(reason: str) -> tuple[float, str] | None:
+    """(seconds to wait, the relay's message) if a session ended because the relay said it is busy, else None."""
+    m = _BUSY.search(reason)
+    if m is None:
+        return None
+    message = m.group("message").strip()
+    n = _RETRY_IN.search(message)
+    return min(float(n.group(1)) if n else BUSY_DEFAULT, BUSY_MAX), message
 
 
 def relay_status(state: RelayState, vv) -> dict:

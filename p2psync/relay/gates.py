@@ -16,7 +16,8 @@ session times out; the new one wins), a group holding ``per_group`` refuses
 more, and keys its log does not list as current members (strangers: a new
 member whose admission has not reached the relay, a removed device holding
 the relay PSK, anyone holding it) share ``strangers_per_group`` sessions
-until they are admitted. Time and the day are parameters; nothing here
+until they are admitted. (``per_process``, the sessions of all groups, is
+the relay's to check: a session over it is told to come back later.) Time and the day are parameters; nothing here
 awaits or reads a clock.
 """
 
@@ -36,11 +37,12 @@ MAX_UNKNOWN_REFS = 10_000    # unknown refs remembered (the oldest are forgotten
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Sessions one relay process holds (each costs the relay up to two Postgres connections)."""
+    """Sessions one relay process holds (a session holds no Postgres connection: they share the pool)."""
 
     per_device: int = 4              # of one device key; one more closes that key's oldest session
     per_group: int = 32              # of one group; one more is refused
     strangers_per_group: int = 4     # of keys not (yet) current members of the group; one more is refused
+    per_process: int = 2_000         # in all groups; one more is told the relay is busy (relay-busy)
 
 
 @dataclass(frozen=True)

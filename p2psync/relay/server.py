@@ -18,20 +18,31 @@ relay keeps each group's signed membership log (pinned at admission by the
 hash of the group's found event, so only the founding admin's chain of
 signatures counts) and lets a session sync only while the log lists the
 device's key as a current member. A removed key is refused as soon as the
-relay holds the removal, and open sessions of that key are closed. Each
-session costs Postgres connections, so a process holds at most
-``SessionLimits`` sessions per device key (a new one closes that key's
-oldest), per group, and per group of keys its log does not list as current
-members (strangers, until they are admitted). From then on the session is
-an ordinary sync session (``net.Connection``) over a ``PostgresStore`` for
-that one group: a device can read and write its own group's changes and
-nothing else.
+relay holds the removal, and open sessions of that key are closed. A
+process holds at most ``SessionLimits`` sessions per device key (a new one
+closes that key's oldest), per group, per group of keys its log does not
+list as current members (strangers, until they are admitted), and in all.
+From then on the session is an ordinary sync session (``net.Connection``)
+over its group's ``PostgresStore``, seen through the group's ``GroupView``
+(a cached version vector, reads shared by the group's sessions): a device
+can read and write its own group's changes and nothing else.
+
+Postgres connections: one bounded pool per process (``store.pg_pool``,
+``--pool-size``) that every store call borrows from for one transaction,
+and the LISTEN connection. Store calls run in worker threads under
+``slots``, one per pooled connection, so waiting happens in trio. A new
+session waits up to BUSY_WAIT for a slot; if none frees up (or the process
+holds ``per_process`` sessions), it is sent Error ``relay-busy`` ("relay
+busy, retry in N s") and closed, and the device retries after N s. Sessions
+already connected only ever wait: a new session never costs one of them.
 
 Every apply NOTIFYs ``p2psync_relay`` with the group id; each relay process
-turns a notification into a wake-up of that group's sessions, so a change
-accepted by one relay process reaches devices connected to another one. The
-listener thread reconnects when Postgres restarts, and wakes every session
-then, since notifications sent while it was away are lost.
+turns a notification from another process (its own are told apart by the
+sender's backend pid) into a wake-up of that group's sessions, after
+dropping the group's cached vector, so a change accepted by one relay
+process reaches devices connected to another one. The listener thread
+reconnects when Postgres restarts, and wakes every session then, since
+notifications sent while it was away are lost.
 """
 
 from __future__ import annotations
@@ -53,21 +64,26 @@ from ..net.admission import HandshakeGate, HandshakeLimits, LogThrottle, with_su
 from ..net.bus import ChangeBus
 from ..net.connection import Connection, NotAMember, PeerClosed, SyncSettings
 from ..net.noise_stream import HandshakeFailed, NoiseStream
-from ..net.store_worker import StoreWorker, wall_ms
+from ..net.store_worker import wall_ms
 from ..noise import agent_handshake
 from ..group.attestation import verifier_for
 from ..protocol import Error, RemoteProtocolError, encode_event
 from ..protocol.relay_preamble import PREAMBLE_LEN, BadPreamble, parse_preamble, relay_prologue
 from ..store import StoreError
-from ..store.postgres import (ADMITTED, NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_groups, migrate,
-                              relay_site_id, relay_static_private)
+from ..store.pg_pool import APPLICATION_NAME, DEFAULT_SIZE, RelayPool
+from ..store.postgres import (ADMITTED, NOTIFY_CHANNEL, PostgresStore, admit_group, connect, find_groups,
+                              member_log, member_mark, migrate, relay_site_id, relay_static_private)
 from .gates import Admitted, RefTable, SessionLimits, make_room
+from .group_view import GroupView, RelayWorker
 
 log = logging.getLogger("p2psync.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
 HANDSHAKE_LIMITS = HandshakeLimits()
 LISTEN_RETRY = 1.0
+BUSY_WAIT = 5.0      # s a new session waits for a free Postgres connection before it is told the relay is busy
+BUSY_RETRY = 10      # s a device told the relay is busy waits before it tries again
+RELAY_FORWARD_DELAY = 0.1
 
 
 @dataclass(eq=False)
@@ -92,27 +108,16 @@ class GroupState:
     id: int
     token: bytes = field(repr=False)
     members: GroupMembers
+    store: PostgresStore
+    view: GroupView
     bus: ChangeBus = field(default_factory=ChangeBus)
     mark: int = 0
     sessions: list[SessionEntry] = field(default_factory=list)   # oldest first
+    reloading: bool = False         # a membership reload runs
+    reload_again: bool = False      # ... and another NOTIFY came meanwhile
+    _cached: tuple | None = field(default=None, repr=False)
 
-
-class SessionContext:
-    """What a Connection needs, for one device session of one group."""
-
-    check_schema = False  # devices track tables; the relay stores sealed cells of any schema
-
-    def __init__(self, relay: Relay, group: GroupState, store: PostgresStore):
-        self.relay, self.group, self.store = relay, group, store
-        self._cached = None
-        self.worker = StoreWorker(store)
-        self.site_id = relay.site_id
-        self.schema = store.schema_fingerprint()
-        self.bus = group.bus
-        self.members = group.members
-        store.attestor = self._verifier
-
-    def _verifier(self):
+    def verifier(self):
         """(Verifier, None) over the signing keys of every device the group's log ever added (the store's
         check of signed versions; the relay sees no cells, so there is no leaf hasher)."""
         st = self.members.state
@@ -120,7 +125,25 @@ class SessionContext:
             self._cached = (st, verifier_for(st))
         return self._cached[1], None
 
+
+class SessionContext:
+    """What a Connection needs, for one device session of one group."""
+
+    check_schema = False  # devices track tables; the relay stores sealed cells of any schema
+
+    def __init__(self, relay: Relay, group: GroupState):
+        self.relay, self.group, self.store = relay, group, group.store
+        self.worker = RelayWorker(group.view, wall_ms)
+        self.site_id = relay.site_id
+        self.schema = self.store.schema_fingerprint()
+        self.bus = group.bus
+        self.members = group.members
+
     wall_ms = staticmethod(wall_ms)
+
+    async def holdings(self):
+        """What the relay holds for the group: the group's cached vector (read once for all its sessions)."""
+        return await self.group.view.holdings()
 
     def admit(self, conn: Connection) -> Admission:
         return self.members.admit(conn.remote_static)
@@ -135,7 +158,7 @@ class SessionContext:
     async def on_members(self, conn: Connection, decoded) -> None:
         new = self.members.take(decoded)
         if new:
-            await trio.to_thread.run_sync(self.store.add_member_events, self.members.pairs(new))
+            await self.group.view.run(self.store.add_member_events, self.members.pairs(new))
             await self.relay.spread(self.group, new, conn)
 
     def on_hello(self, conn: Connection, hello) -> None:
@@ -159,12 +182,19 @@ class Relay:
     """A running relay process."""
 
     def __init__(self, dsn: str, listen: tuple[str, int], settings: SyncSettings | None = None,
-                 handshake_limits: HandshakeLimits = HANDSHAKE_LIMITS, session_limits: SessionLimits = SessionLimits()):
+                 handshake_limits: HandshakeLimits = HANDSHAKE_LIMITS, session_limits: SessionLimits = SessionLimits(),
+                 pool_size: int = DEFAULT_SIZE, shared_reads: bool = True):
         self.dsn, self.listen = dsn, listen
+        self.pool_size, self.shared_reads = pool_size, shared_reads
+        self.pool: RelayPool | None = None       # opened by run()
+        self.slots: trio.CapacityLimiter | None = None
+        self.sessions = 0                          # sessions this process holds, in all groups
         # What the relay sends keeps the device default (2,000 changes): a device
         # applies each batch in one SQLite transaction and must not hold the
         # write lock for long. Devices send the relay bigger batches.
-        self.settings = settings or SyncSettings()
+        # It forwards every site's changes after a shorter wait than a device (sync/peer.py): a device
+        # that also got them over its LAN says so (Have) within a round trip.
+        self.settings = settings or SyncSettings(forward_delay=RELAY_FORWARD_DELAY)
         self.refs = RefTable()
         self.by_id: dict[int, GroupState] = {}
         self.listen_address: tuple[str, int] | None = None
@@ -175,7 +205,7 @@ class Relay:
         self.counters = {"handshakes_refused_per_source": 0, "handshakes_refused_rate": 0,
                          "handshakes_refused_in_flight": 0, "unknown_refs": 0, "group_table_reads": 0,
                          "sessions_refused_per_group": 0, "sessions_refused_strangers": 0,
-                         "sessions_closed_per_device": 0}
+                         "sessions_closed_per_device": 0, "sessions_refused_busy": 0}
         self.site_id = b""
         self._static = b""
 
@@ -194,11 +224,15 @@ class Relay:
     # -- groups ---------------------------------------------------------------
 
     def _read_groups(self):
-        with connect(self.dsn) as conn:
-            try:
+        try:
+            with self.pool.connection() as conn:
                 return find_groups(conn)
-            except psycopg.Error as e:
-                raise StoreError(f"cannot read the admitted groups: {str(e).strip()}") from e
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read the admitted groups: {str(e).strip()}") from e
+
+    async def _db(self, fn, *args):
+        """A blocking Postgres call in a worker thread, once a slot (a pooled connection) is free."""
+        return await trio.to_thread.run_sync(partial(fn, *args), limiter=self.slots)
 
     async def reload_groups(self) -> None:
         """Read the group table again (one query) and rebuild the table of refs."""
@@ -207,7 +241,7 @@ class Relay:
             if self.refs.loaded_at >= started:
                 return   # another task read it meanwhile
             self.counters["group_table_reads"] += 1
-            rows = await trio.to_thread.run_sync(self._read_groups)
+            rows = await self._db(self._read_groups)
             self.refs.load(rows, trio.current_time())
 
     async def _find(self, ref: bytes) -> Admitted | None:
@@ -223,48 +257,54 @@ class Relay:
             self.refs.mark_unknown(ref, trio.current_time())
         return found
 
-    def _load_members(self, gid: int):
-        with connect(self.dsn) as conn:
-            try:
-                events = [bytes(r[0]) for r in conn.execute(
-                    "SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (gid,))]
-                mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
-                                    (gid,)).fetchone()[0]
-            except psycopg.Error as e:
-                raise StoreError(f"cannot read group {gid}'s membership: {str(e).strip()}") from e
-            return events, mark
+    def _load_members(self, gid: int, known_mark: int | None = None):
+        """(mark, events) of group ``gid``'s membership log; no events if its mark is still ``known_mark``."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                mark = member_mark(conn, gid)
+                return mark, ([] if mark == known_mark else member_log(conn, gid))
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read group {gid}'s membership: {str(e).strip()}") from e
 
     async def _group(self, adm: Admitted) -> GroupState:
         """The group's state in this process (its membership log read from Postgres the first time)."""
         g = self.by_id.get(adm.id)
         if g is None:
-            events, mark = await trio.to_thread.run_sync(self._load_members, adm.id)
+            mark, events = await self._db(self._load_members, adm.id)
             g = self.by_id.get(adm.id)  # another connection may have loaded it meanwhile
             if g is None:
                 members = GroupMembers(adm.found)
                 members.load(events)
-                g = self.by_id[adm.id] = GroupState(adm.id, adm.token, members, mark=mark)
+                store = PostgresStore(self.dsn, adm.id, self.site_id, pool=self.pool)
+                view = GroupView(store, self.slots, shared=self.shared_reads)
+                g = self.by_id[adm.id] = GroupState(adm.id, adm.token, members, store, view, mark=mark)
+                store.attestor = g.verifier
         return g
 
     async def reload_members(self, g: GroupState) -> None:
-        """Pick up membership events another relay process stored; close sessions they refuse."""
-        def read():
-            with connect(self.dsn) as conn:
-                mark = conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
-                                    (g.id,)).fetchone()[0]
-                if mark == g.mark:
-                    return mark, []
-                return mark, [bytes(r[0]) for r in conn.execute(
-                    "SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (g.id,))]
-        try:
-            mark, events = await trio.to_thread.run_sync(read)
-        except StoreError as e:
-            log.warning("group %d: cannot reload membership: %s", g.id, e)
+        """Pick up membership events another relay process stored; close sessions they refuse.
+
+        One reload per group at a time: NOTIFYs arriving meanwhile make one more run after it."""
+        if g.reloading:
+            g.reload_again = True
             return
-        g.mark = mark
-        new = g.members.load(events)
-        if new:
-            await self.spread(g, new, None)
+        g.reloading = True
+        try:
+            again = True
+            while again:
+                g.reload_again = False
+                try:
+                    mark, events = await self._db(self._load_members, g.id, g.mark)
+                except StoreError as e:
+                    log.warning("group %d: cannot reload membership: %s", g.id, e)
+                    return
+                g.mark = mark
+                new = g.members.load(events) if events else []
+                if new:
+                    await self.spread(g, new, None)
+                again = g.reload_again
+        finally:
+            g.reloading = False
 
     async def spread(self, g: GroupState, new, source) -> None:
         """Pass new membership events to this process's other sessions of the group; close refused ones."""
@@ -368,28 +408,53 @@ class Relay:
         self._refused(counter, str(g.id), "group %d: %s; refusing %s", g.id, text, label)
         return text
 
+    async def _busy(self, group: GroupState, label: str) -> str | None:
+        """Why a new session must wait for later (the process is full, or no Postgres connection frees up
+        within BUSY_WAIT), counted and logged; None if it may start."""
+        why = None
+        if self.sessions < self.limits.per_process:
+            with trio.move_on_after(BUSY_WAIT):
+                async with self.slots:
+                    pass
+                if self.sessions < self.limits.per_process:   # others may have started while we waited
+                    return None
+            why = f"all {self.pool_size} Postgres connections stayed in use for {BUSY_WAIT:g} s"
+        if why is None or self.sessions >= self.limits.per_process:
+            why = f"{self.sessions} sessions (limit {self.limits.per_process} per relay process)"
+        self._refused("sessions_refused_busy", "busy", "group %d: relay busy: %s; asked %s to retry in %d s",
+                      group.id, why, label, BUSY_RETRY)
+        return why
+
+    async def _turn_away(self, ns: NoiseStream, code: str, message: str) -> None:
+        with trio.move_on_after(1):
+            try:
+                await ns.send_all(encode_event(Error(code, message)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with trio.CancelScope(shield=True):
+            await ns.aclose()
+
     async def _serve(self, group: GroupState, ns: NoiseStream, label: str) -> None:
         refused = self._room(group, ns.remote_static, label)
         if refused is not None:
-            with trio.move_on_after(1):
-                try:
-                    await ns.send_all(encode_event(Error("too-many-sessions", f"{refused}; try again later")))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-            with trio.CancelScope(shield=True):
-                await ns.aclose()
+            await self._turn_away(ns, "too-many-sessions", f"{refused}; try again later")
             return
+        busy = await self._busy(group, label)
+        if busy is not None:
+            await self._turn_away(ns, "relay-busy", f"relay busy, retry in {BUSY_RETRY} s ({busy})")
+            return
+        self.sessions += 1
+        try:
+            await self._session(group, ns, label)
+        finally:
+            self.sessions -= 1
+
+    async def _session(self, group: GroupState, ns: NoiseStream, label: str) -> None:
         entry = SessionEntry(ns.remote_static, label, trio.CancelScope())
         group.sessions.append(entry)
-        store = None
         try:
             with entry.scope:
-                try:
-                    store = await trio.to_thread.run_sync(PostgresStore, self.dsn, group.id, self.site_id)
-                except StoreError as e:
-                    log.warning("connection from %s: %s; closed", label, e)
-                    return
-                entry.conn = Connection(ns, SessionContext(self, group, store), label, self.settings)
+                entry.conn = Connection(ns, SessionContext(self, group), label, self.settings)
                 await entry.conn.run()
         except NotAMember as e:
             log.warning("session with %s refused: %s", label, e)
@@ -403,20 +468,21 @@ class Relay:
             group.sessions.remove(entry)
             with trio.CancelScope(shield=True):
                 await ns.aclose()
-                if store is not None:
-                    await trio.to_thread.run_sync(store.close)
 
     # -- notifications ----------------------------------------------------------
 
-    def _on_notify(self, payload: str) -> None:
+    def _on_notify(self, payload: str, pid: int = 0) -> None:
         if payload == ADMITTED:   # another relay process admitted a group
             self._nursery.start_soon(self._reload_groups_logged)
             return
+        if self.pool is not None and self.pool.own_pid(pid):
+            return   # our own apply or membership event: its sessions were woken when it committed
         try:
             g = self.by_id.get(int(payload))
         except ValueError:
             return
         if g is not None:
+            g.view.invalidate()
             g.bus.notify()
             self._nursery.start_soon(self.reload_members, g)
 
@@ -429,6 +495,7 @@ class Relay:
     def _wake_all(self) -> None:
         self._nursery.start_soon(self._reload_groups_logged)   # admissions made meanwhile went unheard
         for g in self.by_id.values():
+            g.view.invalidate()
             g.bus.notify()
             self._nursery.start_soon(self.reload_members, g)
 
@@ -437,7 +504,8 @@ class Relay:
         again = False  # a later connection: notifications sent meanwhile are lost, so wake every session
         while not stop.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                                     application_name=f"{APPLICATION_NAME}-listen") as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     if again:
                         log.info("listening for other relay processes again")
@@ -445,7 +513,7 @@ class Relay:
                     again = True
                     while not stop.is_set():
                         for n in conn.notifies(timeout=0.5):
-                            trio.from_thread.run_sync(self._on_notify, n.payload, trio_token=token)
+                            trio.from_thread.run_sync(self._on_notify, n.payload, n.pid, trio_token=token)
             except psycopg.Error as e:
                 if not stop.is_set():
                     log.warning("lost the Postgres notification connection (%s); retrying", str(e).strip())
@@ -468,12 +536,27 @@ class Relay:
         host, port = self.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.listen_address = listeners[0].socket.getsockname()[:2]
-        async with trio.open_nursery() as n:
-            self._nursery = n
-            n.start_soon(self._listen)
-            n.start_soon(trio.serve_listeners, self._handle, listeners)
-            log.info("relay listening on %s:%d", *self.listen_address)
-            task_status.started(self.listen_address)
+        self.pool = RelayPool(self.dsn, self.pool_size)
+        self.slots = trio.CapacityLimiter(self.pool_size)
+        try:
+            async with trio.open_nursery() as n:
+                self._nursery = n
+                n.start_soon(self._listen)
+                n.start_soon(trio.serve_listeners, self._handle, listeners)
+                log.info("relay listening on %s:%d (a pool of %d Postgres connections, at most %d sessions)",
+                         *self.listen_address, self.pool_size, self.limits.per_process)
+                task_status.started(self.listen_address)
+        finally:
+            self.counters.update(self.statistics())
+            await trio.to_thread.run_sync(self.pool.close)
+
+    def statistics(self) -> dict:
+        """Postgres transactions run (connections borrowed) and how the groups' reads went, in all groups."""
+        out = {"pg_borrowed": self.pool.borrowed if self.pool is not None else 0}
+        for g in self.by_id.values():
+            for k, v in g.view.counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
 
 async def _push(conn: Connection, encoded) -> None:
@@ -495,12 +578,14 @@ async def _receive_exactly(stream, n: int) -> bytes:
 
 
 def run_relay(dsn: str, listen: tuple[str, int], admit: list[tuple[bytes, bytes]], *,
-              admit_only: bool = False, log_level: str = "info") -> int:
+              admit_only: bool = False, log_level: str = "info", pool_size: int = DEFAULT_SIZE,
+              max_sessions: int | None = None, shared_reads: bool = True) -> int:
     """Run the relay until SIGTERM/SIGINT (or just admit groups); the process exit status."""
     import signal
 
     setup_logging(log_level)
-    relay = Relay(dsn, listen)
+    limits = SessionLimits() if max_sessions is None else SessionLimits(per_process=max_sessions)
+    relay = Relay(dsn, listen, session_limits=limits, pool_size=pool_size, shared_reads=shared_reads)
     applied = relay.prepare(admit)
     for name in applied:
         log.info("applied migration %s", name)

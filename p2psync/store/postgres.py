@@ -11,7 +11,7 @@ batch goes as parts (``more=True``). It reads a chunk at a time, each from
 one REPEATABLE READ snapshot that ends before any of it is handed out
 (store/reading.py: staged, in memory or beyond a small budget in a
 temporary file, by a reader thread that never waits for the device), on a
-connection borrowed from a small per-process set of idle ones: a device
+connection borrowed from the process's pool (store/pg_pool.py): a device
 that stalls holds neither a transaction nor a connection of its own.
 
 ``apply`` stores a batch in one transaction under a per-group advisory lock
@@ -27,8 +27,10 @@ The relay never reads what it stores: devices seal their changes before
 sending (p2psync/sync/sealing.py). The store itself is content-agnostic and
 passes the same contract tests as the SQLite store.
 
-Each store object owns one connection, for writes; reads borrow another
-for the length of a chunk, so a session can read and apply at the same time.
+A store object owns no connection: every call (an apply, a chunk read, a
+vector or membership query) borrows one from the pool for its one
+transaction, so a session can read and apply at the same time and an idle
+one costs Postgres nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import hashlib
 import re
 import secrets
 import struct
-import threading
 from collections.abc import Iterator
 from importlib import resources
 
@@ -50,6 +51,7 @@ from ..model.change import SEALED_COLUMN, SEALED_TABLE, check_batch
 from .base import ApplyResult, HeldChange
 from .batching import site_batches
 from .errors import StoreError
+from .pg_pool import RelayPool, dsn_for_humans
 from .reading import Staged, in_snapshots, stage
 
 NOTIFY_CHANNEL = "p2psync_relay"
@@ -104,11 +106,7 @@ def connect(dsn: str) -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as e:
-        raise StoreError(f"cannot connect to Postgres ({_dsn_for_humans(dsn)}): {str(e).strip()}") from e
-
-
-def _dsn_for_humans(dsn: str) -> str:
-    return re.sub(r"(password=)\S+", r"\1***", re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", dsn))
+        raise StoreError(f"cannot connect to Postgres ({dsn_for_humans(dsn)}): {str(e).strip()}") from e
 
 
 def relay_site_id(conn: psycopg.Connection) -> bytes:
@@ -146,80 +144,70 @@ def admit_group(conn: psycopg.Connection, ref: bytes, psk: bytes, group_id: byte
         return conn.execute("SELECT id FROM p2p_groups WHERE ref = %s", (ref,)).fetchone()[0]
 
 
+def member_log(conn: psycopg.Connection, group: int) -> list[bytes]:
+    """Every membership event of ``group`` (encoded), in the order stored."""
+    return [bytes(r[0]) for r in conn.execute("SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (group,))]
+
+
+def member_mark(conn: psycopg.Connection, group: int) -> int:
+    """The id of ``group``'s last stored membership event (0 if none): it moves when an event is stored."""
+    return conn.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s", (group,)).fetchone()[0]
+
+
 def find_groups(conn: psycopg.Connection) -> list[tuple[int, bytes, bytes, bytes]]:
     """(group id, handshake psk, group id bytes, found hash) of every admitted group, in one query."""
     rows = conn.execute("SELECT id, token, group_id, found FROM p2p_groups WHERE found IS NOT NULL").fetchall()
     return [(r[0], bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
 
-class _ReadConnections:
-    """Idle connections for reading snapshots, per DSN, shared by the stores of one process."""
-
-    def __init__(self, idle_max: int = 4):
-        self.idle_max = idle_max
-        self._idle: dict[str, list[psycopg.Connection]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, dsn: str) -> tuple[psycopg.Connection, bool]:
-        """A connection outside any transaction, and whether it was idle here (rather than new)."""
-        with self._lock:
-            idle = self._idle.get(dsn)
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn, True
-        return connect(dsn), False
-
-    def give(self, dsn: str, conn: psycopg.Connection) -> None:
-        """Keep ``conn`` for the next read, or close it if enough are idle (or it is not idle)."""
-        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            with self._lock:
-                idle = self._idle.setdefault(dsn, [])
-                if len(idle) < self.idle_max:
-                    idle.append(conn)
-                    return
-        conn.close()
-
-
-_READERS = _ReadConnections()
-
-
 class PostgresStore:
     """One group's changes in a relay database."""
 
-    def __init__(self, dsn: str, group: int, site_id: bytes):
+    def __init__(self, dsn: str, group: int, site_id: bytes, pool: RelayPool | None = None):
         self.dsn, self.group, self.site_id = dsn, group, site_id
-        self._writer = connect(dsn)
+        self._own_pool = pool is None     # a store made with only a DSN (tools, tests) has a small pool of its own
+        self.pool = pool if pool is not None else RelayPool(dsn, 2)
         self._write_pack = msgpack.Packer(use_bin_type=True).pack
         self.attestor = None   # () -> (Verifier, None), set by the relay: apply keeps only signed versions
 
     def close(self) -> None:
-        self._writer.close()
+        """Close the store's own pool, if it has one (a relay's stores share the relay's and hold nothing)."""
+        if self._own_pool:
+            self.pool.close()
+
+    def _query(self, what: str, fn):
+        """``fn(conn)`` on a borrowed connection; a Postgres error becomes a StoreError saying ``what`` failed."""
+        try:
+            with self.pool.connection() as conn:
+                return fn(conn)
+        except psycopg.Error as e:
+            raise StoreError(f"could not {what}: {str(e).strip()}") from e
 
     # -- membership log -------------------------------------------------------
 
     def member_events(self) -> list[bytes]:
         """Every membership event of this group stored here (encoded)."""
-        rows = self._writer.execute("SELECT data FROM p2p_members WHERE grp = %s ORDER BY id", (self.group,))
-        return [bytes(r[0]) for r in rows]
+        return self._query("read the membership log", lambda conn: member_log(conn, self.group))
 
     def add_member_events(self, events: list[tuple[bytes, bytes]]) -> int:
         """Store (hash, encoded event) pairs not yet here; how many were new (NOTIFYs when any)."""
         if not events:
             return 0
-        with self._writer.transaction():
-            new = 0
-            for h, data in events:
-                cur = self._writer.execute("INSERT INTO p2p_members(grp, hash, data) VALUES (%s, %s, %s) "
-                                           "ON CONFLICT DO NOTHING", (self.group, h, data))
-                new += cur.rowcount
-            if new:
-                self._writer.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self.group}"))
-        return new
+
+        def add(conn):
+            with conn.transaction():
+                new = 0
+                for h, data in events:
+                    cur = conn.execute("INSERT INTO p2p_members(grp, hash, data) VALUES (%s, %s, %s) "
+                                       "ON CONFLICT DO NOTHING", (self.group, h, data))
+                    new += cur.rowcount
+                if new:
+                    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self.group}"))
+            return new
+        return self._query("store membership events", add)
 
     def member_mark(self) -> int:
-        return self._writer.execute("SELECT coalesce(max(id), 0) FROM p2p_members WHERE grp = %s",
-                                    (self.group,)).fetchone()[0]
+        return self._query("read the membership log", lambda conn: member_mark(conn, self.group))
 
     # -- the Store interface ------------------------------------------------
 
@@ -238,7 +226,7 @@ class PostgresStore:
         return 0
 
     def version_vector(self) -> VersionVector:
-        return self._vv(self._writer)
+        return self._query("read the version vector", self._vv)
 
     def _vv(self, conn: psycopg.Connection) -> VersionVector:
         rows = conn.execute("SELECT site, dbv FROM p2p_vv WHERE grp = %s", (self.group,)).fetchall()
@@ -251,10 +239,9 @@ class PostgresStore:
                 check_batch(batch)
             except ValueError as e:
                 raise StoreError(f"rejected batch: {e}") from e
-        conn = self._writer
         att = None
         try:
-            with conn.transaction():
+            with self.pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_NAMESPACE, self.group))
                 if self.attestor is not None:
                     verifier, _ = self.attestor()
@@ -348,24 +335,16 @@ class PostgresStore:
         """Stage one chunk of what ``vv`` lacks from a snapshot, ended (its connection returned) on return;
         whether that was all."""
         for attempt in (1, 2):
-            conn, reused = _READERS.take(self.dsn)
             try:
-                with conn.transaction():
+                with self.pool.connection() as conn, conn.transaction():
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    out = stage(staged, self._batches(conn, self._vv(conn), vv, max_changes, max_bytes))
+                    return stage(staged, self._batches(conn, self._vv(conn), vv, max_changes, max_bytes))
             except psycopg.OperationalError as e:
-                conn.close()
-                if reused and attempt == 1 and not staged.added:
-                    continue   # an idle connection the server dropped meanwhile (a restart): try a new one
+                if attempt == 1 and not staged.added:
+                    continue   # an idle connection the server dropped meanwhile (a restart): the pool replaces it
                 raise StoreError(f"could not read changes: {str(e).strip()}") from e
             except psycopg.Error as e:
-                conn.close()
                 raise StoreError(f"could not read changes: {str(e).strip()}") from e
-            except BaseException:
-                conn.close()
-                raise
-            _READERS.give(self.dsn, conn)
-            return out
         raise AssertionError("unreachable")
 
     def _batches(self, conn, local: VersionVector, vv: VersionVector, max_changes: int, max_bytes: int):
