@@ -1,4 +1,4 @@
-"""Run the benchmarks: python -m bench [store|sync|lan|relay|relay-scale|membership|attest|capture|backup|soak|slow|all]."""
+"""Run the benchmarks: python -m bench [store|sync|lan|scale|relay|relay-scale|membership|attest|capture|backup|soak|slow|all]."""
 
 import subprocess
 import sys
@@ -26,6 +26,8 @@ from . import relay_bench  # noqa: E402
 SUITES["relay"] = relay_bench.run
 from . import relay_scale_bench  # noqa: E402
 SUITES["relay-scale"] = relay_scale_bench.run
+from . import scale_bench  # noqa: E402
+SUITES["scale"] = scale_bench.run
 from . import membership_bench  # noqa: E402
 SUITES["membership"] = membership_bench.run
 from . import attest_bench  # noqa: E402

@@ -33,6 +33,7 @@ _FLAGS = {
     "max_clock_skew": "--max-clock-skew",
     "track_new_columns": "track_new_columns",      # config file only
     "reconcile_interval": "reconcile_interval",    # config file only
+    "max_peers": "max_peers",                      # config file only
 }
 
 
@@ -53,6 +54,7 @@ class Config:
     max_clock_skew: float = 60.0
     track_new_columns: bool = True      # columns added to a tracked table are synced at once
     reconcile_interval: float = 600.0   # seconds between passes looking for writes capture missed
+    max_peers: int = 64                 # LAN sessions at once (the relay's is extra)
 
     def override(self, **cli_values: object) -> Config:
         """This config with the given command-line values (None = flag not given) in place.
@@ -224,6 +226,14 @@ def _reconcile_interval(value: object, where: str) -> float:
     return float(value)
 
 
+def _max_peers(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected a whole number of peers, got {_kind(value)}")
+    if not 1 <= value <= 1024:
+        raise ConfigError(f"{_at(where, _number(value))}: out of range; expected 1 to 1024 peers")
+    return value
+
+
 def _number(value: int | float) -> str:
     """``value`` as an error message shows it: an integer of many digits is abridged."""
     text = str(value)
@@ -257,4 +267,5 @@ _VALIDATORS = {
     "max_clock_skew": _max_clock_skew,
     "track_new_columns": _boolean,
     "reconcile_interval": _reconcile_interval,
+    "max_peers": _max_peers,
 }

@@ -175,6 +175,19 @@ def test_a_proof_that_does_not_verify_is_counted_and_one_nothing_needs_is_not_ch
     assert out.bad_proofs == 0 and out.batch.changes == tuple(cs)   # not needed by the batch: never verified
 
 
+def test_a_version_signed_by_a_device_not_in_the_log_yet_waits_and_is_no_forgery():
+    """A Members push can trail the batch that needs it (found by the six-agent mesh test: a device that
+    joined while others were joining took its peers' versions for forgeries and closed every session)."""
+    cs = version(A[0], 3, [(1, "a")])
+    p = signed(cs)
+    stranger = Verifier(VERIFIER.group, {})
+    out = attest(Batch(tuple(cs), (Range(A[0], 2, 3),), (p,)), stranger, HASH)
+    assert out.bad_proofs == 0                       # nothing says the sender forged anything
+    assert out.refused == {A[0]: 1} and not out.batch.changes   # but nothing unchecked is applied
+    assert out.cut                                   # and no vector moves over it
+    assert any("not in the membership log" in r for r in out.reasons)
+
+
 def test_signed_zero_is_one_leaf_as_capture_sees_no_change_between_them():
     """An update of -0.0 to 0.0 is no change to SQLite's IS (capture logs nothing), yet the stored value
     changes: the leaf must not tell them apart, or an honest version would fail its own check later.

@@ -54,7 +54,7 @@ from p2psync.model import membership as mm
 from p2psync.model.membership import MembershipError, MembershipLog, decode_event, encode_event as encode_member
 from p2psync.noise import NoiseError, NoiseTransport, agent_handshake, agent_responder
 from p2psync.protocol import (
-    PROTOCOL_VERSION, Ack, BatchEvent, Error, FrameDecoder, Hello, LocalProtocolError, Members, Ping, Pong,
+    PROTOCOL_VERSION, Ack, BatchEvent, Error, FrameDecoder, Have, Hello, LocalProtocolError, Members, Ping, Pong,
     decode_body, encode_event,
 )
 from p2psync.protocol.join import (
@@ -233,6 +233,7 @@ valid_events = st.one_of(
     st.builds(Error, error_codes, st.text(max_size=100)),
     st.builds(Members, st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(tuple),
               st.lists(st.binary(min_size=1, max_size=60), max_size=4).map(tuple)),
+    st.builds(Have, st.dictionaries(sites, st.integers(1, (1 << 63) - 1), min_size=1, max_size=4).map(VersionVector)),
 )
 
 

@@ -55,9 +55,10 @@ class Worker:
         self.to_send = [Batch((Change("items", (i,), site, i, 1 << 20, True, ("note",), ("x" * value_bytes,)),),
                               (Range(site, i - 1, i),)) for i in range(1, n_batches + 1)]
         self.release, self.applied = release, []
+        self.vv = VersionVector({site: n_batches} if n_batches else {})
 
     async def version_vector(self):
-        return VersionVector()
+        return self.vv   # what it holds: its own versions 1..n (a session sends only what its store holds)
 
     async def apply(self, batch, validated=False):
         if self.release is not None:

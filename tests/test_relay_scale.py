@@ -69,9 +69,14 @@ def _xacts(admin_dsn: str, dbname: str) -> int:
 
 
 async def _connect_all(nursery, devices, port: int, sources=None) -> None:
+    # The first device alone: it brings the group's membership log, which the relay needs to count
+    # the others as members (until then they are strangers, of whom a group may hold only a few at
+    # once; real devices would retry, these light ones do not).
     for i, d in enumerate(devices):
         src = sources[i % len(sources)] if sources else None
         await nursery.start(d.session, "127.0.0.1", port, src)
+        if i == 0:
+            await wait_for(lambda: d.connected, SYNC, "the first device to get the relay's Hello")
     await wait_for(lambda: all(d.connected for d in devices), SYNC, "every device to get the relay's Hello")
 
 

@@ -35,8 +35,9 @@ from ..noise import agent_handshake, agent_responder
 from ..net.bus import ChangeBus
 from ..net.store_worker import StoreWorker, wall_ms
 from ..protocol.prologue import device_prologue
-from ..protocol import RemoteProtocolError
+from ..protocol import Error, RemoteProtocolError, encode_event
 from ..identity.succession import place_of, write_record
+from ..model import VersionVector
 from ..store import SqliteStore
 from .control import serve_control
 from .group_service import GroupService
@@ -121,7 +122,9 @@ class Agent:
         self.dialers: dict[str, DialState] = {}
         self.counters = {"handshake_failures": 0, "protocol_errors": 0, "batches_applied": 0,
                          "cells_applied": 0, "changes_held": 0, "handshakes_refused_per_source": 0,
-                         "handshakes_refused_rate": 0, "handshakes_refused_in_flight": 0, "stamp_errors": 0}
+                         "handshakes_refused_rate": 0, "handshakes_refused_in_flight": 0, "stamp_errors": 0,
+                         "versions_received": 0, "versions_redundant": 0,
+                         "sessions_refused_full": 0}
         self.listen_address: tuple[str, int] | None = None
         self._handshakes = HandshakeGate(HANDSHAKE_LIMITS)
         self._refusal_log = LogThrottle()
@@ -132,6 +135,8 @@ class Agent:
         self.removed: str | None = None       # why this device no longer syncs, once it learns it was removed
         self._sync_scope = trio.CancelScope()
         self._unsigned_warned = False
+        self._holdings: VersionVector | None = None   # our version vector as of the last news (None: read it)
+        self.eager_sites = frozenset((self.site_id,))   # whose changes sessions push at once (sync/peer.py)
 
     wall_ms = staticmethod(wall_ms)
 
@@ -185,14 +190,39 @@ class Agent:
         for link in list(self.links.values()):
             link.scope.cancel()
 
+    async def holdings(self) -> VersionVector:
+        """Our version vector, kept from the last apply (its result) and read again after other news."""
+        vv = self._holdings
+        if vv is None:
+            news = self.bus.version
+            vv = await self.worker.version_vector()
+            if self.bus.version == news:   # nothing happened meanwhile: what we read is current
+                self._holdings = vv
+        return vv
+
+    def changed(self, vv: VersionVector | None = None) -> None:
+        """Something new may be there to send: wake the sessions (``vv``: our vector now, if known)."""
+        self._holdings = vv
+        self.bus.notify()
+
+    def _count_receipts(self, batch) -> None:
+        """Versions received, and of them those we held already (a second copy of a change: the figure
+        that says whether each change crossed the LAN about once per device)."""
+        before = self._holdings
+        versions = {(c.site, c.dbv) for c in batch.changes}
+        self.counters["versions_received"] += len(versions)
+        if before is not None:
+            self.counters["versions_redundant"] += sum(1 for site, dbv in versions if dbv <= before[site])
+
     def on_applied(self, conn: Connection, batch, result) -> None:
         self.counters["batches_applied"] += 1
         self.counters["cells_applied"] += result.cells_won
         self.counters["changes_held"] += result.held
+        self._count_receipts(batch)
         if result.held:
             log.warning("held %d changes from %s (unknown table/column or clock too far ahead); "
                         "see `p2psync status`", result.held, conn.label)
-        self.bus.notify()
+        self.changed(result.vv if result.vv else None)
         self.check_behind(conn, result)
         self.check_attested(conn, result)
 
@@ -336,6 +366,9 @@ class Agent:
             my_init = self.static_public if initiator else remote
             preferred = min(self.static_public, remote)
             old = self.links.get(remote)
+            if old is None and len(self.links) >= self.config.max_peers:
+                await self._refuse_full(ns, label)
+                return
             if old is not None:
                 if old.initiator_key == preferred and my_init != preferred:
                     log.debug("already connected to %s via %s; dropping duplicate %s", remote.hex()[:12],
@@ -370,6 +403,38 @@ class Agent:
             with trio.CancelScope(shield=True):
                 await ns.aclose()
 
+    async def _refuse_full(self, ns: NoiseStream, label: str) -> None:
+        """Turn away a session over ``max_peers`` (counted; logged in part when many come)."""
+        self.counters["sessions_refused_full"] += 1
+        text = (f"this device already holds {len(self.links)} sessions (max_peers = {self.config.max_peers}); "
+                f"changes reach it through the peers it is connected to")
+        suppressed = self._refusal_log.allow("max_peers", trio.current_time())
+        if suppressed is not None:
+            log.warning("%s; refusing %s", with_suppressed(text, suppressed), label)
+        with trio.move_on_after(1):
+            try:
+                await ns.send_all(encode_event(Error("too-many-peers", text)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    def _first_dial_pause(self, st: DialState) -> float:
+        """Seconds before the first dial of a peer just discovered: start-up does not stampede. Of two
+        devices that find each other, the one with the smaller site id dials at once (with a little
+        jitter) and the other a moment later, only if it was not dialled meanwhile."""
+        try:
+            theirs = bytes.fromhex(st.address.removeprefix("p2psync-"))
+        except ValueError:
+            theirs = b""
+        if st.discovered and theirs and theirs < self.site_id:
+            return random.uniform(1.0, 2.0)
+        return random.uniform(0.0, 0.25) if st.discovered else 0.0
+
+    def _connected_to(self, st: DialState) -> bool:
+        """Whether a session with the device behind ``st`` is up (found by its site id, before any dial)."""
+        site = st.address.removeprefix("p2psync-")
+        return any(link.conn.peer_site is not None and link.conn.peer_site.hex() == site
+                   for link in self.links.values())
+
     async def _dial_loop(self, st: DialState) -> None:
         """Keep a connection to the peer behind ``st``: try its addresses in turn, back off, retry.
 
@@ -386,13 +451,25 @@ class Agent:
         backoff = 0.2
         failures = 0
         failing_since = trio.current_time()
+        await trio.sleep(self._first_dial_pause(st))
         while True:
             link = self.links.get(st.peer_key) if st.peer_key else None
+            if link is None and st.peer_key is None and self._connected_to(st):
+                # it dialled us first: wait for that session to end (its key comes with it)
+                link = next(ln for ln in self.links.values()
+                            if ln.conn.peer_site is not None and ln.conn.peer_site.hex() ==
+                            st.address.removeprefix("p2psync-"))
+                st.peer_key = ln_key = link.conn.remote_static
+                link = self.links.get(ln_key)
             if link is not None:
                 st.state = "connected"
                 failures = 0
                 await link.closed.wait()
                 failing_since = trio.current_time()
+                continue
+            if len(self.links) >= self.config.max_peers:
+                st.state = "waiting: max_peers sessions are up"
+                await trio.sleep(5.0)
                 continue
             giving_up = trio.current_time() - failing_since > MDNS_GIVE_UP
             if st.discovered and ((st.gone and failures) or (failures and giving_up)):
@@ -475,7 +552,7 @@ class Agent:
             self._schema_changes = self.store.schema_changes
             self.schema = self.store.schema_fingerprint()
             if await self.worker.release_held(False):        # held cells of columns tracked now
-                self.bus.notify()
+                self.changed()
             if self.links:   # a Hello carries the schema: sessions start again, so peers' status is right
                 log.info("the tracked schema changed: reconnecting to %d peers so they see it", len(self.links))
                 for link in list(self.links.values()):
@@ -487,7 +564,7 @@ class Agent:
                 log.warning("local writes are stamped but not signed: this device does not hold its group's "
                             "founding key yet; no peer accepts them until it does (an admin's agent sends it "
                             "the key when they next meet), and they are signed then")
-            self.bus.notify()
+            self.changed()
         return True
 
     @staticmethod
@@ -541,14 +618,14 @@ class Agent:
                 else:
                     last = await self.worker.data_version()
                 if found:
-                    self.bus.notify()
+                    self.changed()
             await trio.sleep(self.config.reconcile_interval)
 
     async def _retry_held(self) -> None:
         while True:
             await trio.sleep(HELD_RETRY_INTERVAL)
             if await self.worker.release_held(False):
-                self.bus.notify()
+                self.changed()
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -567,7 +644,7 @@ class Agent:
         if cmd == "release":
             n = await self.worker.release_held(True)
             if n:
-                self.bus.notify()
+                self.changed()
             return {"released": n}
         if cmd == "members-changed":   # the CLI wrote membership events; pick them up now
             await self.group.reload()

@@ -103,6 +103,10 @@ class GroupService:
 
     async def on_members(self, conn, decoded) -> None:
         new = self.members.take(decoded)
+        if new and self.agent.store.signer is not None:
+            # before any await: the batches that follow on this session may come from a device these
+            # events just added, and must be checked against its key
+            self.attestation.refresh()
         if new:
             await self.spread(new, conn)
 

@@ -111,8 +111,12 @@ class RelayContext:
         sealer = Sealer(lambda: ring().current if ring() else None,
                         lambda kid: ring().by_key_id.get(kid) if ring() else None)
         self.worker = SealingWorker(agent.worker, sealer, state)
+        self.eager_sites = agent.eager_sites   # our own writes go to the relay at once; others' after a delay
 
     wall_ms = staticmethod(wall_ms)
+
+    async def holdings(self):
+        return await self.agent.holdings()
 
     def admit(self, conn: Connection):
         """The relay is not a member: it proved the group's relay PSK and admits us by our key."""

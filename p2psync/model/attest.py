@@ -173,7 +173,8 @@ class Attested:
     reasons: list[str] = field(default_factory=list)          # one sentence per refused version
     cut: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # site -> (range end claimed, end kept)
     conflicts: list[Proof] = field(default_factory=list)  # valid proofs of versions known here with another root
-    bad_proofs: int = 0     # proofs whose signature does not verify: no honest sender forwards one
+    bad_proofs: int = 0     # proofs whose signature does not verify under their signer's known key:
+                            # no honest sender forwards one
 
     @property
     def refused_changes(self) -> int:
@@ -203,6 +204,12 @@ def attest(batch: Batch, verifier: Verifier, hasher: Callable[[Change], list[byt
         key = (p.site, p.dbv)
         if key in proofs or key not in needed:
             continue   # a proof nothing in the batch needs is not worth a signature check
+        if verifier.key_of(p.site) is None:
+            # signed by a device our log does not list (yet): its admission may still be on its way
+            # (a Members push can trail a batch), so this is no proof of forgery; its changes wait
+            out.reasons.append(f"version {p.dbv} of {p.site.hex()[:12]} is signed by a device not in the "
+                               f"membership log here (yet)")
+            continue
         if not verifier.valid(p):
             out.bad_proofs += 1
             out.reasons.append(f"a proof of version {p.dbv} of {p.site.hex()[:12]} does not verify")

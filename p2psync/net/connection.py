@@ -39,14 +39,16 @@ the heartbeat interval, for tests.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Hello, Members, Ping,
+from ..protocol import (CLOSED, NEED_DATA, PROTOCOL_VERSION, Ack, BatchEvent, Error, Have, Hello, Members, Ping,
                         ProtocolError, RemoteProtocolError, Session)
 from ..protocol.limits import CHANGE_COST, MAX_PROCESS_BYTES, MAX_STAGED_BYTES, MAX_UNACKED_BYTES
 from ..group.members import decode_members
@@ -66,6 +68,7 @@ SEND_CHUNK = 64 * 1024  # writes progress chunk by chunk; one chunk per idle tim
 DECODE_THREADS = 2      # large frames decoded at once in worker threads, over all sessions of the process
                         # (each may hold ~40 MB of decoded objects before it is refused)
 CONTROL_QUEUE = 4       # Pings and Pongs waiting for the send lock; more are dropped
+FORWARD_DELAY = 0.25    # s a peer may lag on another device's changes before we send them (SyncSettings)
 GIL_SWITCH_INTERVAL = 0.001  # s: how long a decoding thread may keep the event loop from the GIL (default 5 ms)
 
 
@@ -76,6 +79,15 @@ def _env_seconds(name: str, default: float) -> float:
     except ValueError:
         return default
     return value if 0 < value < 3600 else default
+
+
+def _env_delay(name: str, default: float) -> float:
+    """Seconds in [0, 60] from the environment (the benchmark's all-eager baseline sets 0); else ``default``."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if 0 <= value <= 60 else default
 
 
 def _idle_timeout() -> float:
@@ -94,6 +106,10 @@ class SyncSettings:
     max_bytes: int = 1 << 20
     max_staged_bytes: int = MAX_STAGED_BYTES
     max_unacked_bytes: int = MAX_UNACKED_BYTES
+    # Seconds a peer may lag behind us on a site that is not ours before we send it that site's
+    # changes ourselves (sync/peer.py): normally their origin, or another peer, brings them first.
+    # Each session waits between this and 1.5 times this, so forwarders rarely start together.
+    forward_delay: float = field(default_factory=lambda: _env_delay("P2PSYNC_FORWARD_DELAY", FORWARD_DELAY))
 
 
 class PeerClosed(Exception):
@@ -184,6 +200,8 @@ class Connection:
         self._window = trio.Event()
         self.last_seen = trio.current_time()
         self.peer_vv = None
+        self._hello_vv = None       # the vector our Hello sent (what the peer knows we hold, at first)
+        self._forward_delay = settings.forward_delay * random.uniform(1.0, 1.5)
         # A worker may transform complete batches before they are applied
         # (the relay session opens sealed changes); it runs in the reader,
         # so it overlaps with the applier.
@@ -276,6 +294,7 @@ class Connection:
             yours = ()
             if self.member is not None and hasattr(ctx, "checkpoints_for"):
                 yours = await ctx.checkpoints_for(self.member.site, vv[self.member.site])
+            self._hello_vv = vv
             await self._write(Hello(PROTOCOL_VERSION, ctx.site_id, ctx.schema, ctx.wall_ms(), vv, yours))
             # The first task to fail records why and cancels the others, so the
             # reason leaves here as itself, not wrapped in an ExceptionGroup
@@ -508,6 +527,8 @@ class Connection:
                     await applies.send((ev.seq, batch, cost))
                 elif t is Ack:
                     self._window.set()
+                elif t is Have:
+                    self.peer.heard(ev.vv)
                 elif t is Ping:   # answered without waiting for the send lock: the reader never stops for a write
                     self._queue_control(self.session.send(ev.response(), self._now()))
                 elif t is Members:
@@ -517,7 +538,8 @@ class Connection:
                     self.peer_site = ev.site_id
                     self.peer_schema = ev.schema
                     self.peer_vv = ev.vv
-                    self.peer = PeerSync(ev.vv, max_staged_bytes=self.settings.max_staged_bytes)
+                    self.peer = PeerSync(ev.vv, max_staged_bytes=self.settings.max_staged_bytes,
+                                         told=self._hello_vv)
                     if self.member is not None and ev.site_id != self.member.site:
                         raise RemoteProtocolError(
                             "wrong-site", f"peer says it is site {ev.site_id.hex()[:12]}, but its key belongs to "
@@ -534,27 +556,49 @@ class Connection:
                         raise NotAMember(f"peer refused us: {ev.message}")
                     raise PeerClosed(f"peer reported an error: {ev.code}: {ev.message}")
 
+    async def _holdings(self):
+        """What we hold now: the host's cached vector when it keeps one (no store call), else the store's."""
+        holdings = getattr(self.ctx, "holdings", None)
+        if holdings is not None:
+            return await holdings()
+        return await self.ctx.worker.version_vector()
+
     async def _sender(self) -> None:
+        """Tell the peer what we hold that it has not heard of, and send what ``PeerSync.plan`` says is due;
+        then wait for news (a stamp, an applied batch) or for the next site to fall due."""
         await self._hello.wait()
-        s, bus = self.settings, self.ctx.bus
+        s, bus, peer = self.settings, self.ctx.bus, self.peer
+        eager = frozenset(getattr(self.ctx, "eager_sites", (self.ctx.site_id,)))
         seen = -1
         while True:
             seen = bus.version
-            async for batch, more in self.ctx.worker.batches(self.peer.known, s.max_changes, s.max_bytes):
-                if not batch.changes and not batch.ranges:
-                    continue
-                while not self.session.can_send_batch:
-                    self._window = trio.Event()
-                    with trio.move_on_after(s.idle_timeout) as waiting:
-                        await self._window.wait()
-                    if waiting.cancelled_caught:
-                        raise PeerStalled(f"{self._who()} stopped acknowledging: {self.session.unacked} batches sent "
-                                          f"to it unacknowledged for {s.idle_timeout:g} s; connection closed")
-                await self._write(BatchEvent(self.session.next_seq, batch, more),
-                                  f"a batch of {len(batch.changes)} changes")
-                log.debug("sent %d changes to %s", len(batch.changes), self.label)
-                self.peer.sent(batch)
-            await bus.wait_beyond(seen)
+            ours = await self._holdings()
+            have = peer.announce(ours)
+            if have is not None:
+                await self._write(Have(have))
+            read_from, next_due = peer.plan(ours, eager, self._now(), self._forward_delay)
+            if read_from is not None:
+                await self._send_due(read_from)
+            with trio.move_on_at(math.inf if next_due is None else next_due):
+                await bus.wait_beyond(seen)
+
+    async def _send_due(self, read_from) -> None:
+        """Send the peer what it lacks beyond ``read_from``, batch by batch, as the window allows."""
+        s = self.settings
+        async for batch, more in self.ctx.worker.batches(read_from, s.max_changes, s.max_bytes):
+            if not batch.changes and not batch.ranges:
+                continue
+            while not self.session.can_send_batch:
+                self._window = trio.Event()
+                with trio.move_on_after(s.idle_timeout) as waiting:
+                    await self._window.wait()
+                if waiting.cancelled_caught:
+                    raise PeerStalled(f"{self._who()} stopped acknowledging: {self.session.unacked} batches sent "
+                                      f"to it unacknowledged for {s.idle_timeout:g} s; connection closed")
+            await self._write(BatchEvent(self.session.next_seq, batch, more),
+                              f"a batch of {len(batch.changes)} changes")
+            log.debug("sent %d changes to %s", len(batch.changes), self.label)
+            self.peer.sent(batch)
 
     async def _watchdog(self) -> None:
         """Enforce the session's deadlines (it raises on a timeout) and queue due heartbeats.

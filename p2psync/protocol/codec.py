@@ -30,7 +30,7 @@ import msgpack
 from ..model import VersionVector
 from .batchwire import WireError, batch_from_wire, batch_to_wire, check_value_lengths
 from .errors import LocalProtocolError, describe
-from .events import Ack, BatchEvent, Error, Event, Hello, Members, Ping, Pong, event_name
+from .events import Ack, BatchEvent, Error, Event, Have, Hello, Members, Ping, Pong, event_name
 from .limits import (
     FRAME_HEADER_LEN, LARGE_FRAME, MAX_ARRAY_LEN, MAX_BIN_LEN, MAX_ERROR_CODE_LEN, MAX_ERROR_MESSAGE_LEN,
     MAX_FRAME, MAX_FRAME_OBJECTS, MAX_MAP_LEN, MAX_MEMBER_EVENT_BYTES, MAX_MEMBER_EVENTS, MAX_MEMBER_HEADS,
@@ -40,8 +40,9 @@ from .limits import (
     SITE_ID_LEN, U63_MAX,
 )
 
-HELLO, BATCH, ACK, PING, PONG, ERROR, MEMBERS = 1, 2, 3, 4, 5, 6, 7
-_TAGS = {Hello: HELLO, BatchEvent: BATCH, Ack: ACK, Ping: PING, Pong: PONG, Error: ERROR, Members: MEMBERS}
+HELLO, BATCH, ACK, PING, PONG, ERROR, MEMBERS, HAVE = 1, 2, 3, 4, 5, 6, 7, 8
+_TAGS = {Hello: HELLO, BatchEvent: BATCH, Ack: ACK, Ping: PING, Pong: PONG, Error: ERROR, Members: MEMBERS,
+         Have: HAVE}
 _ERROR_CODE = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
@@ -127,6 +128,35 @@ def _decode_members(heads, events) -> Members:
     return Members(heads, events)
 
 
+def _encode_have(e: Have) -> list:
+    if type(e.vv) is not VersionVector:
+        raise _Bad(f"vv must be a VersionVector, got {type(e.vv).__name__}")
+    if not 0 < len(e.vv) <= MAX_VV_ENTRIES:
+        raise _Bad(f"a Have names 1..{MAX_VV_ENTRIES} sites, got {len(e.vv)}")
+    out = []
+    for s, n in e.vv.items():
+        _site(s, "site id")
+        _u63(n, "db version")
+        out.append(s)
+        out.append(n)
+    return [HAVE, out]
+
+
+def _decode_have(flat) -> Have:
+    # site, dbv, site, dbv... (a flat array: maps are refused outside a Hello)
+    if type(flat) is not tuple or not 0 < len(flat) <= 2 * MAX_VV_ENTRIES or len(flat) % 2:
+        raise _Bad(f"a Have must hold 1..{MAX_VV_ENTRIES} (site, db version) pairs")
+    vv = {}
+    for i in range(0, len(flat), 2):
+        s, n = flat[i], flat[i + 1]
+        _site(s, "site id")
+        _u63(n, "db version")
+        if s in vv:
+            raise _Bad("a Have names a site twice")
+        vv[s] = n
+    return Have(VersionVector(vv))
+
+
 def _encode_error(e: Error) -> list:
     _error_fields(e.code, e.message)
     return [ERROR, e.code, e.message]
@@ -134,6 +164,7 @@ def _encode_error(e: Error) -> list:
 
 _ENCODERS = {
     HELLO: _encode_hello,
+    HAVE: _encode_have,
     BATCH: _encode_batch,
     ACK: lambda e: [ACK, _u63(e.seq, "seq", lo=1)],
     PING: lambda e: [PING, _u63(e.token, "token")],
@@ -289,6 +320,7 @@ _DECODERS = {
     PONG: ("Pong", 1, lambda token: Pong(_u63(token, "token"))),
     ERROR: ("Error", 2, _decode_error),
     MEMBERS: ("Members", 2, _decode_members),
+    HAVE: ("Have", 1, _decode_have),
 }
 
 

@@ -76,6 +76,20 @@ class Members:
 
 
 @dataclass(frozen=True, slots=True)
+class Have:
+    """What the sender holds now: (site, db version) entries of its version vector that moved.
+
+    A hint for the receiver's sending only (sync/peer.py): the receiver does
+    not send what the sender says it holds, so a device that got a change
+    from its origin is not sent it again by every other peer. It moves no
+    version vector and says nothing about any device but the sender, whose
+    false claim could only keep changes from itself.
+    """
+
+    vv: VersionVector
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Last event of a side: why it is closing. ``code`` is [a-z0-9-]+."""
 
@@ -83,9 +97,9 @@ class Error:
     message: str
 
 
-Event = Hello | BatchEvent | Ack | Ping | Pong | Members | Error
+Event = Hello | BatchEvent | Ack | Ping | Pong | Members | Have | Error
 
-EVENT_TYPES = (Hello, BatchEvent, Ack, Ping, Pong, Members, Error)
+EVENT_TYPES = (Hello, BatchEvent, Ack, Ping, Pong, Members, Have, Error)
 
 
 def event_name(event_type: type) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..model.change import INT64_MAX, INT64_MIN, MAX_COLUMNS, MAX_NAME_LEN, MAX_PK_COLUMNS, MAX_VALUE_BYTES
 from ..model.version_vector import SITE_ID_LEN
 
-PROTOCOL_VERSION = 4     # 3: batches carry signed versions (proofs); 4: Hello carries checkpoints
+PROTOCOL_VERSION = 5     # 3: batches carry signed versions (proofs); 4: Hello carries checkpoints; 5: Have
 
 FRAME_HEADER_LEN = 4                     # big-endian body length
 MAX_FRAME = 16 * 1024 * 1024             # body bytes; checked before the body is buffered

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 
 from .errors import LocalProtocolError
-from .events import Ack, BatchEvent, Error, Hello, Members, Ping, Pong, event_name
+from .events import Ack, BatchEvent, Error, Have, Hello, Members, Ping, Pong, event_name
 
 
 class State(enum.Enum):
@@ -37,6 +37,7 @@ TRANSITIONS: dict[tuple[State, type], State] = {
     (State.SYNCING, Ping): State.SYNCING,
     (State.SYNCING, Pong): State.SYNCING,
     (State.SYNCING, Members): State.SYNCING,
+    (State.SYNCING, Have): State.SYNCING,
     (State.SYNCING, Error): State.CLOSED,
     (State.SYNCING, Eof): State.CLOSED,
 }
